@@ -1,0 +1,104 @@
+"""The method study behind bcu's defaults (docs/method.md).
+
+Trains one BadNets-backdoored teacher on Fashion-MNIST (the demo's setting), then cleanses it
+with each named variant and prints one JSON object per variant (ACC/ASR/RA after, seconds).
+
+    python benchmarks/method_study.py --variants paper,paper-x4 --out docs/results/method-study.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bcu.attacks import create_attack
+from bcu.checkpoint import load_model, save_model
+from bcu.config import deep_merge
+from bcu.data import AugmentConfig, load_dataset, split, take
+from bcu.defenses.bcu import Cleanser, preset
+from bcu.metrics import attack_scores
+from bcu.models import create_model
+from bcu.train import OptimConfig
+
+E = 100
+VARIANTS = {
+    # name: (preset, overrides)
+    "kd": ("paper", {"reinit": {"scale": 0.0}}),
+    "paper": ("paper", {}),
+    "paper-x2": ("paper", {"reinit": {"scale": 2.0}}),
+    "paper-x4": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}}),
+    "deep-full": ("paper", {"reinit": {"overrides": {"net.features.8": 1.0, "net.classifier.*": 1.0}}}),
+    "head-full": ("paper", {"reinit": {"overrides": {"net.classifier.*": 1.0}}}),
+    "paper-x4-mix": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "distill": {"mixup_alpha": 1.0}}),
+    "deep-full-mix": ("paper", {"reinit": {"overrides": {"net.features.8": 1.0, "net.classifier.*": 1.0}},
+                                "distill": {"mixup_alpha": 1.0}}),
+    "paper-x4-t2": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "distill": {"t_squared": True}}),
+    "paper-x4-lr05": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "optim": {"lr": 0.05}}),
+}
+
+
+def teacher(out: Path, arch: str, epochs: int, n_train: int, seed: int):
+    train_all = load_dataset("fashion-mnist", "train")
+    test = load_dataset("fashion-mnist", "test")
+    rest, unlabeled = split(train_all, 5000, seed=seed)
+    rest = take(rest, n_train, seed=seed)
+    attack = create_attack("badnets", {"target": 0, "poison_rate": 0.1, "seed": seed}, train_all.shape, 10)
+    if (out / "model.safetensors").exists():
+        model, _ = load_model(out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        model = create_model(arch, 10, train_all.shape, mean=(0.2860,), std=(0.3530,))
+        t0 = time.time()
+        attack.train(model, rest, OptimConfig(epochs=epochs, batch_size=128, lr=0.05), augment_cfg=AugmentConfig(),
+                     seed=seed, progress=False)
+        print(json.dumps({"teacher_seconds": time.time() - t0}), file=sys.stderr)
+        save_model(model, out)
+    return model, unlabeled, test, attack
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--arch", default="cnn-small")
+    ap.add_argument("--teacher-epochs", type=int, default=5)
+    ap.add_argument("--n-train", type=int, default=55000)
+    ap.add_argument("--epochs", type=int, default=E)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default="runs/method-study")
+    ap.add_argument("--set", action="append", default=[], help="extra overrides key=value for every variant")
+    ap.add_argument("--out", default=None, help="append results to this JSON list")
+    args = ap.parse_args()
+    from bcu.config import parse_overrides
+
+    wd = Path(args.workdir) / f"{args.arch}-s{args.seed}-e{args.teacher_epochs}-n{args.n_train}"
+    model, unlabeled, test, attack = teacher(wd, args.arch, args.teacher_epochs, args.n_train, args.seed)
+    trig = attack.triggered_test(test)
+    before = attack_scores(model, test, attack, triggered=trig)
+    rows = []
+    extra = parse_overrides(args.set)
+    for name in args.variants.split(","):
+        base, over = VARIANTS[name] if name in VARIANTS else ("paper", {})
+        over = deep_merge(deep_merge(over, {"optim": {"epochs": args.epochs}, "seed": args.seed}), extra)
+        cfg = preset(base, over)
+        t0 = time.time()
+        res = Cleanser(cfg).run(model, unlabeled, progress=False)
+        after = attack_scores(res.model, test, attack, triggered=trig)
+        row = {"variant": name, "overrides": over, "arch": args.arch, "seed": args.seed,
+               "teacher": before.as_dict(), "acc": after.acc, "asr": after.asr, "ra": after.ra,
+               "seconds": time.time() - t0,
+               "final_agree": res.history[-1].get("monitor_agree") if res.history else None}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.out:
+        p = Path(args.out)
+        old = json.loads(p.read_text()) if p.exists() else []
+        p.write_text(json.dumps(old + rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

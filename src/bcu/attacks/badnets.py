@@ -1,0 +1,59 @@
+"""BadNets (Gu et al., 2017): stamp a small patch; relabel to the target (dirty label)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..config import check
+from .base import ATTACKS, Attack, AttackConfig
+
+
+@dataclass
+class BadNetsConfig(AttackConfig):
+    patch_size: int = field(default=3, metadata={"help": "side of the square patch in pixels"})
+    location: Literal["bottom-right", "top-left", "top-right", "bottom-left", "center"] = "bottom-right"
+    margin: int = field(default=1, metadata={"help": "pixels between the patch and the image border"})
+    pattern: Literal["checkerboard", "white", "random"] = field(default="checkerboard", metadata={
+        "help": "patch content: checkerboard (black/white), white, or random pixels from the seed"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
+        check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
+
+
+@ATTACKS.register("badnets")
+class BadNets(Attack):
+    """BadNets: a fixed patch stamped on the image, label flipped to the target."""
+
+    kind = "dirty-label"
+    Config = BadNetsConfig
+    config: BadNetsConfig
+
+    def setup(self) -> None:
+        c, h, w = self.image_shape
+        p, m = self.config.patch_size, self.config.margin
+        check(p + m <= min(h, w), f"a {p}px patch with margin {m} does not fit a {h}x{w} image")
+        if self.config.pattern == "checkerboard":
+            ii, jj = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+            patch = ((ii + jj + 1) % 2).float().expand(c, p, p).clone()  # corner pixel white
+        elif self.config.pattern == "white":
+            patch = torch.ones(c, p, p)
+        else:
+            patch = torch.rand(c, p, p, generator=torch.Generator().manual_seed(self.config.seed))
+        top = {"bottom-right": h - m - p, "bottom-left": h - m - p, "top-left": m, "top-right": m,
+               "center": (h - p) // 2}[self.config.location]
+        left = {"bottom-right": w - m - p, "top-right": w - m - p, "top-left": m, "bottom-left": m,
+                "center": (w - p) // 2}[self.config.location]
+        mask = torch.zeros(1, h, w)
+        mask[:, top:top + p, left:left + p] = 1
+        pattern = torch.zeros(c, h, w)
+        pattern[:, top:top + p, left:left + p] = patch
+        self.buffers = {"mask": mask, "pattern": pattern}
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.buffers["mask"].to(x.device, x.dtype)
+        pattern = self.buffers["pattern"].to(x.device, x.dtype)
+        return x * (1 - mask) + pattern * mask

@@ -1,0 +1,61 @@
+"""Blended (Chen et al., 2017): alpha-blend a fixed pattern over the whole image (dirty label)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import check
+from .base import ATTACKS, Attack, AttackConfig
+
+
+@dataclass
+class BlendedConfig(AttackConfig):
+    alpha: float = field(default=0.2, metadata={"help": "blend weight of the pattern in training images"})
+    test_alpha: Optional[float] = field(default=None, metadata={"help": "blend weight at test time (default: alpha)"})
+    pattern_image: Optional[str] = field(default=None, metadata={
+        "help": "path of an image to blend (default: uniform random pixels from the seed, as in the paper)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 < self.alpha <= 1, f"alpha must be in (0, 1], got {self.alpha}")
+        check(self.test_alpha is None or 0 < self.test_alpha <= 1, "test_alpha must be in (0, 1]")
+
+
+@ATTACKS.register("blended")
+class Blended(Attack):
+    """Blended: x' = (1 - alpha) x + alpha * pattern, label flipped to the target."""
+
+    kind = "dirty-label"
+    Config = BlendedConfig
+    config: BlendedConfig
+
+    def setup(self) -> None:
+        c, h, w = self.image_shape
+        if self.config.pattern_image:
+            from ..data import read_image
+
+            arr = read_image(Path(self.config.pattern_image), c, (h, w))
+            pattern = torch.from_numpy(arr).float() / 255
+        else:
+            pattern = torch.rand(c, h, w, generator=torch.Generator().manual_seed(self.config.seed))
+        self.buffers = {"pattern": pattern}
+        self.training_alpha = self.config.alpha
+
+    def blend(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        pattern = self.buffers["pattern"].to(x.device, x.dtype)
+        return (1 - alpha) * x + alpha * pattern
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blend(x, self.config.test_alpha or self.config.alpha)
+
+    def poison(self, train, model=None):
+        # training images use ``alpha``; ``apply`` (test time) may use ``test_alpha``
+        saved = self.config.test_alpha
+        self.config.test_alpha = None
+        try:
+            return super().poison(train, model)
+        finally:
+            self.config.test_alpha = saved

@@ -1,0 +1,454 @@
+"""``bcu``: the command-line interface (a thin layer over the Python API)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import __version__
+from .errors import BcuError, ConfigError, DataError, Interrupted
+
+
+# --------------------------------------------------------------------------------------------------
+# shared option groups
+
+
+def _shape(text: str):
+    try:
+        vals = tuple(int(v) for v in text.replace("x", ",").split(","))
+        if len(vals) != 3 or min(vals) <= 0:
+            raise ValueError
+        return vals
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}") from None
+
+
+def _floats(text: str):
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_runtime(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--progress", dest="progress", action="store_true", default=None, help="force progress bars on")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (a sidecar supplies these; give them for a bare .pt state dict)")
+    g.add_argument("--arch", help="architecture name from `bcu list models`")
+    g.add_argument("--num-classes", type=int)
+    g.add_argument("--input-shape", type=_shape, help="C,H,W")
+    g.add_argument("--mean", type=_floats, help="per-channel input mean, e.g. 0.4914,0.4822,0.4465")
+    g.add_argument("--std", type=_floats, help="per-channel input std")
+    g.add_argument("--width", type=float, help="width multiplier of the architecture")
+
+
+def add_output(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
+    p.add_argument("--out", required=default is None, default=default, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML/TOML/JSON file of options (see docs/configuration.md)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one option, e.g. --set distill.mixup_alpha=1.0 (repeatable)")
+
+
+def load_model_from_args(args: argparse.Namespace, path: Optional[str] = None):
+    from .checkpoint import load_model
+
+    kwargs = {"width": args.width} if getattr(args, "width", None) is not None else {}
+    return load_model(path or args.model, arch=getattr(args, "arch", None), num_classes=getattr(args, "num_classes", None),
+                      input_shape=getattr(args, "input_shape", None), mean=getattr(args, "mean", None),
+                      std=getattr(args, "std", None), **kwargs)
+
+
+def cleanse_config_from_args(args: argparse.Namespace):
+    """preset <- config file <- --set <- explicit flags."""
+    from .config import deep_merge, load_file, parse_overrides
+    from .defenses.bcu import preset
+
+    over: Dict[str, Any] = {}
+    name = args.preset
+    if args.config:
+        data = load_file(args.config)
+        name = data.pop("preset", name)
+        over = deep_merge(over, data)
+    over = deep_merge(over, parse_overrides(args.set))
+    flags = {"optim": {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                         ("lr", args.lr)) if v is not None}}
+    if args.seed is not None:
+        flags["seed"] = args.seed
+    over = deep_merge(over, flags)
+    return preset(name, over)
+
+
+def attack_from_spec(spec: str, overrides: Dict[str, Any], image_shape, num_classes: int):
+    """An attack from an artifact folder/JSON written by `bcu attack`, or a registered name."""
+    from .attacks import create_attack, load_attack
+
+    p = Path(spec)
+    if p.exists():
+        if p.is_dir() and not (p / "attack.json").is_file():
+            raise DataError(f"{p} holds no attack.json (write one with `bcu attack`)")
+        attack = load_attack(p)
+        if overrides:
+            raise ConfigError("attack options cannot be changed for a saved attack artifact")
+        return attack
+    return create_attack(spec, overrides, image_shape, num_classes)
+
+
+def _setup_runtime(args: argparse.Namespace) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
+
+
+# --------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from . import config as C
+    from .attacks import ATTACKS
+    from .defenses import DEFENSES
+    from .models import MODELS
+
+    what = args.what or "all"
+    if what in ("models", "all"):
+        print("models:")
+        for n in MODELS.names():
+            print(f"  {n:18s} {MODELS.help(n)}")
+    if what in ("attacks", "all"):
+        print("attacks:")
+        for n in ATTACKS.names():
+            cls = ATTACKS.get(n)
+            print(f"  {n:18s} [{cls.kind}] {ATTACKS.help(n)}")
+            if args.verbose:
+                for line in C.describe(cls.Config):
+                    print(f"      {line}")
+    if what in ("defenses", "all"):
+        print("defenses:")
+        for n in DEFENSES.names():
+            cls = DEFENSES.get(n)
+            tag = "labels" if cls.uses_labels and cls.uses_data else ("data-free" if not cls.uses_data else "label-free")
+            print(f"  {n:18s} [{tag}] {DEFENSES.help(n)}")
+    return 0
+
+
+def cmd_cleanse(args: argparse.Namespace) -> int:
+    from .checkpoint import OutputDir, save_model, sha256_bytes
+    from .data import load_dataset
+    from .defenses.bcu import Cleanser
+    from .report import write_cleanse_report
+
+    _setup_runtime(args)
+    cfg = cleanse_config_from_args(args)
+    model, info = load_model_from_args(args)
+    data = load_dataset(args.data, split=args.split, labels=False, progress=args.progress)
+    scores = {}
+    test = attack = trig = None
+    if args.test_data:
+        test = load_dataset(args.test_data, split="test", labels=True)
+        if args.attack:
+            attack = attack_from_spec(args.attack, {}, model.spec.input_shape, model.spec.num_classes)
+    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume) as out:
+        try:
+            result = Cleanser(cfg).run(model, data, device=args.device, progress=args.progress,
+                                       resume_dir=out.path / "resume")
+        except Interrupted as e:
+            raise Interrupted(f"{e}; run the same command with --resume to continue") from None
+        sidecar = save_model(result.model.cpu(), out.path, extra={"cleansed_by": "bcu", "teacher_sha256": info["sha256"]})
+        if test is not None:
+            from .metrics import accuracy, attack_scores, der
+
+            if attack is not None:
+                trig = attack.triggered_test(test)
+                before = attack_scores(model, test, attack, args.device, triggered=trig)
+                after = attack_scores(result.model, test, attack, args.device, triggered=trig)
+                scores = {"teacher": before.as_dict(), "cleansed": after.as_dict()}
+            else:
+                scores = {"teacher": {"acc": accuracy(model, test, args.device)},
+                          "cleansed": {"acc": accuracy(result.model, test, args.device)}}
+        report = {
+            "bcu_version": __version__, "command": "bcu " + " ".join(sys.argv[1:]),
+            "input": {"model": str(args.model), "sha256": info["sha256"], "data": str(args.data),
+                      "images": len(data), "data_sha256": data.fingerprint(), "labels_read": False},
+            "output": {"sha256": sidecar["sha256"]},
+            "scores": scores or None,
+            "der": (der(before, after) if attack is not None and test is not None else None),
+            **result.info, "history": result.history,
+        }
+        write_cleanse_report(out.path, report, result.history)
+        import shutil
+
+        shutil.rmtree(out.path / "resume", ignore_errors=True)
+        final = out.commit()
+    print(f"cleansed model written to {final}/ (report: {final}/report.md)")
+    if scores:
+        from .report import scores_table
+
+        print(scores_table(scores))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_json
+    from .config import parse_overrides
+    from .data import load_dataset
+    from .metrics import accuracy, attack_scores, der
+    from .report import scores_table
+
+    _setup_runtime(args)
+    model, info = load_model_from_args(args)
+    test = load_dataset(args.data, split=args.split, labels=True)
+    if test.shape != tuple(model.spec.input_shape):
+        raise DataError(f"test images are {'x'.join(map(str, test.shape))} but the model expects "
+                        f"{'x'.join(map(str, model.spec.input_shape))}")
+    result: Dict[str, Any] = {"model": str(args.model), "sha256": info["sha256"], "data": str(args.data)}
+    named = {}
+    if args.attack:
+        attack = attack_from_spec(args.attack, parse_overrides(args.set).get("attack", {}),
+                                  model.spec.input_shape, model.spec.num_classes)
+        trig = attack.triggered_test(test)
+        after = attack_scores(model, test, attack, args.device, triggered=trig)
+        named["model"] = after.as_dict()
+        result.update(after.as_dict())
+        result["attack"] = attack.describe()
+        if args.original:
+            orig, _ = load_model_from_args(args, args.original)
+            before = attack_scores(orig, test, attack, args.device, triggered=trig)
+            named = {"original": before.as_dict(), **named}
+            result["original"] = before.as_dict()
+            result["der"] = der(before, after)
+    else:
+        result["acc"] = accuracy(model, test, args.device)
+        named["model"] = {"acc": result["acc"]}
+    print(scores_table(named))
+    if "der" in result:
+        print(f"DER: {result['der']:.2f}")
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .attacks import ATTACKS
+    from .checkpoint import OutputDir, atomic_write_bytes, atomic_write_json, save_model
+    from .config import describe, parse_overrides
+    from .data import AugmentConfig, load_dataset, split
+    from .metrics import attack_scores
+    from .models import create_model
+    from .train import OptimConfig
+
+    if args.list or not args.attack:
+        if not args.list:
+            raise ConfigError("--attack is required (see `bcu attack --list`)")
+        for n in ATTACKS.names():
+            cls = ATTACKS.get(n)
+            print(f"{n} [{cls.kind}]: {ATTACKS.help(n)}")
+            for line in describe(cls.Config):
+                print(f"    {line}")
+        return 0
+    if not args.out:
+        raise ConfigError("--out is required")
+    _setup_runtime(args)
+    over = parse_overrides(args.set)
+    attack_over = over.pop("attack", {})
+    for k in ("target", "poison_rate"):
+        if getattr(args, k) is not None:
+            attack_over[k] = getattr(args, k)
+    attack_over.setdefault("seed", args.seed)
+    train = load_dataset(args.data, split="train", labels=True, progress=args.progress)
+    num_classes = train.num_classes or 10
+    from .attacks import create_attack
+
+    attack = create_attack(args.attack, attack_over, train.shape, num_classes)
+    from .config import from_dict
+
+    optim = from_dict(OptimConfig, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                                    **over.pop("optim", {})})
+    augment = from_dict(AugmentConfig, over.pop("augment", {}))
+    if over:
+        raise ConfigError(f"unknown option {next(iter(over))} (use attack.*, optim.*, augment.*)")
+    holdout = None
+    if args.holdout:
+        train, holdout = split(train, args.holdout, seed=args.seed)
+    import torch
+
+    torch.manual_seed(args.seed)
+    kwargs = {"width": args.width} if args.width else {}
+    mean = args.mean or tuple(float(v) for v in (train.images.float() / 255).mean((0, 2, 3)))
+    std = args.std or tuple(float(v) for v in (train.images.float() / 255).std((0, 2, 3)))
+    model = create_model(args.arch, num_classes, train.shape, mean=mean, std=std, classes=train.classes, **kwargs)
+    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume) as out:
+        t0 = time.time()
+        try:
+            history = attack.train(model, train, optim, augment_cfg=augment, seed=args.seed, device=args.device,
+                                   resume_dir=out.path / "resume", progress=args.progress)
+        except Interrupted as e:
+            raise Interrupted(f"{e}; run the same command with --resume to continue") from None
+        seconds = time.time() - t0
+        save_model(model.cpu(), out.path, extra={"attack": args.attack})
+        attack.save(out.path)
+        metrics: Dict[str, Any] = {"attack": args.attack, "seconds": seconds, "train_images": len(train),
+                                   "history": history}
+        if holdout is not None:
+            buf = __import__("io").BytesIO()
+            np.savez(buf, x=holdout.images.numpy(), y=holdout.labels.numpy())
+            atomic_write_bytes(out.path / "unlabeled.npz", buf.getvalue())
+            metrics["holdout_images"] = len(holdout)
+        try:
+            test = load_dataset(args.data, split="test", labels=True)
+        except DataError:
+            test = None
+        if test is not None:
+            metrics.update(attack_scores(model, test, attack, args.device).as_dict())
+        atomic_write_json(out.path / "metrics.json", metrics)
+        import shutil
+
+        shutil.rmtree(out.path / "resume", ignore_errors=True)
+        final = out.commit()
+    print(f"backdoored model written to {final}/" + (f" (held-out images: {final}/unlabeled.npz)" if holdout else ""))
+    if test is not None:
+        from .report import scores_table
+
+        print(scores_table({args.attack: {k: metrics[k] for k in ("acc", "asr", "ra")}}))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    model, info = load_model_from_args(args)
+    spec = model.spec
+    print(f"ok: {info['path']} sha256 {info['sha256']} matches its sidecar; architecture {spec.arch}, "
+          f"{spec.num_classes} classes, input {'x'.join(map(str, spec.input_shape))}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _setup_runtime(args)
+    run_demo(out=Path(args.out), overwrite=args.overwrite, attack_epochs=args.attack_epochs,
+             cleanse_epochs=args.epochs, preset_name=args.preset, seed=args.seed, data=args.data,
+             n_train=args.n_train, progress=args.progress, device=args.device)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bcu", description="Label-free backdoor cleansing of image classifiers.")
+    p.add_argument("--version", action="version", version=f"bcu {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="backdoor a Fashion-MNIST model, cleanse it, print before/after")
+    add_output(d, "runs/demo")
+    d.add_argument("--data", default="fashion-mnist", help="data set name or path (default: fashion-mnist)")
+    d.add_argument("--preset", default="default", help="cleanse preset: default or paper")
+    d.add_argument("--epochs", type=int, default=None, help="cleanse epochs (default: the preset's)")
+    d.add_argument("--attack-epochs", type=int, default=5)
+    d.add_argument("--n-train", type=int, default=None, help="train the backdoored model on this many images")
+    d.add_argument("--seed", type=int, default=0)
+    add_runtime(d)
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("cleanse", help="cleanse a suspicious model with unlabeled images")
+    c.add_argument("--model", required=True, help="model folder, .safetensors (+ sidecar) or .pt/.pth state dict")
+    c.add_argument("--data", required=True, help="unlabeled images: folder, .npz, idx folder, CIFAR folder, fashion-mnist")
+    c.add_argument("--split", default="train", choices=["train", "test"], help="which split of a split data set")
+    add_output(c)
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    c.add_argument("--preset", default="default", help="default or paper")
+    add_config(c)
+    c.add_argument("--epochs", type=int)
+    c.add_argument("--batch-size", type=int)
+    c.add_argument("--lr", type=float)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--test-data", help="optional labelled test set, to put ACC/ASR in the report (never used to train)")
+    c.add_argument("--attack", help="optional attack artifact or name, for ASR in the report")
+    add_model_options(c)
+    add_runtime(c)
+    c.set_defaults(func=cmd_cleanse)
+
+    e = sub.add_parser("evaluate", help="ACC, ASR, RA (and DER against the original model)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True, help="labelled test data")
+    e.add_argument("--split", default="test", choices=["train", "test"])
+    e.add_argument("--attack", help="attack artifact folder (from `bcu attack`) or attack name")
+    e.add_argument("--set", action="append", default=[], metavar="attack.KEY=VALUE")
+    e.add_argument("--original", help="the model before defense, for DER")
+    e.add_argument("--json", help="also write the results to this JSON file")
+    add_model_options(e)
+    add_runtime(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    a = sub.add_parser("attack", help="train a backdoored model")
+    a.add_argument("--attack", help="attack name (see --list)")
+    a.add_argument("--list", action="store_true", help="list attacks and their options")
+    a.add_argument("--data", default="fashion-mnist")
+    a.add_argument("--arch", default="cnn-small")
+    a.add_argument("--width", type=float)
+    a.add_argument("--mean", type=_floats)
+    a.add_argument("--std", type=_floats)
+    a.add_argument("--out")
+    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--resume", action="store_true")
+    a.add_argument("--target", type=int)
+    a.add_argument("--poison-rate", type=float)
+    a.add_argument("--epochs", type=int, default=5)
+    a.add_argument("--batch-size", type=int, default=128)
+    a.add_argument("--lr", type=float, default=0.05)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--holdout", type=int, default=5000,
+                   help="keep this many training images out of training and save them as unlabeled.npz (0: none)")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="attack.*, optim.* or augment.* option, e.g. --set attack.patch_size=4")
+    add_runtime(a)
+    a.set_defaults(func=cmd_attack)
+
+    v = sub.add_parser("verify", help="check a model's weights against its sidecar and architecture")
+    v.add_argument("model")
+    add_model_options(v)
+    v.set_defaults(func=cmd_verify)
+
+    ls = sub.add_parser("list", help="list models, attacks and defenses")
+    ls.add_argument("what", nargs="?", choices=["models", "attacks", "defenses", "all"])
+    ls.add_argument("-v", "--verbose", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except BcuError as e:
+        print(f"bcu: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("bcu: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

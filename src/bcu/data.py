@@ -1,0 +1,511 @@
+"""Images in, batches out: loaders for every on-disk format bcu accepts, and batched augmentation.
+
+All data lives as one ``uint8`` tensor of shape (N, C, H, W); labels, when present, as ``int64``.
+Loaders never unpickle arbitrary objects (CIFAR's python pickles go through an allow-list) and
+never write to their input. Augmentation (random crop with zero padding, horizontal flip, mixup)
+works on whole batches as tensor ops on any device, so the training loop runs no per-sample Python.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+@dataclass
+class ImageSet:
+    """A set of images as one uint8 tensor (N, C, H, W), with optional int64 labels."""
+
+    images: torch.Tensor
+    labels: Optional[torch.Tensor] = None
+    classes: Optional[List[str]] = None
+    name: str = "images"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"{self.name}: images must be a uint8 tensor of shape (N, C, H, W)")
+        if self.labels is not None:
+            self.labels = torch.as_tensor(self.labels, dtype=torch.int64)
+            if self.labels.shape != (self.images.shape[0],):
+                raise DataError(f"{self.name}: {len(self.labels)} labels for {self.images.shape[0]} images")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        if self.classes:
+            return len(self.classes)
+        if self.labels is not None and len(self.labels):
+            return int(self.labels.max()) + 1
+        return None
+
+    def subset(self, index: Union[torch.Tensor, Sequence[int]], name: Optional[str] = None) -> "ImageSet":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageSet(self.images[index], None if self.labels is None else self.labels[index],
+                        self.classes, name or self.name)
+
+    def without_labels(self) -> "ImageSet":
+        """The same images with no labels: what the cleanse path receives."""
+        return ImageSet(self.images, None, None, self.name)
+
+    def fingerprint(self) -> str:
+        """SHA-256 over shape and pixel bytes (a manifest hash for reports)."""
+        h = hashlib.sha256(str(tuple(self.images.shape)).encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# splitting
+
+
+def split(data: ImageSet, n_holdout: int, seed: int = 0) -> Tuple[ImageSet, ImageSet]:
+    """Deterministically split off ``n_holdout`` random images: returns (rest, holdout)."""
+    if not 0 < n_holdout < len(data):
+        raise DataError(f"cannot hold out {n_holdout} of {len(data)} images")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(data), generator=g)
+    return data.subset(perm[n_holdout:].sort().values), data.subset(perm[:n_holdout].sort().values)
+
+
+def take(data: ImageSet, n: int, seed: int = 0) -> ImageSet:
+    """A deterministic random subset of ``n`` images (all of them if n >= len)."""
+    if n >= len(data):
+        return data
+    g = torch.Generator().manual_seed(seed)
+    return data.subset(torch.randperm(len(data), generator=g)[:n].sort().values)
+
+
+# --------------------------------------------------------------------------------------------------
+# on-disk formats
+
+
+def _read_maybe_gz(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        return raw
+    except (OSError, EOFError, gzip.BadGzipFile, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def read_idx(path: Union[str, Path]) -> np.ndarray:
+    """Parse an IDX file (MNIST/Fashion-MNIST format, optionally gzipped) into a uint8 array."""
+    path = Path(path)
+    raw = _read_maybe_gz(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    if ndim < 1 or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} has a truncated IDX header")
+    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    count = int(np.prod(dims))
+    body = raw[4 + 4 * ndim:]
+    if len(body) != count:
+        raise DataError(f"{path} is truncated or corrupt: header promises {count} bytes, found {len(body)}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims).copy()
+
+
+def _find(directory: Path, stems: Sequence[str]) -> Optional[Path]:
+    for stem in stems:
+        for cand in (directory / stem, directory / (stem + ".gz")):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def load_idx_dir(directory: Union[str, Path], split: str = "train", labels: bool = True,
+                 classes: Optional[List[str]] = None, name: str = "idx") -> ImageSet:
+    d = Path(directory)
+    prefix = "train" if split == "train" else "t10k"
+    img = _find(d, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"])
+    if img is None:
+        raise DataError(f"no {prefix}-images-idx3-ubyte[.gz] in {d}")
+    x = read_idx(img)
+    if x.ndim != 3:
+        raise DataError(f"{img} holds {x.ndim}-d data, expected (N, H, W) images")
+    y = None
+    if labels:
+        lab = _find(d, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"])
+        if lab is None:
+            raise DataError(f"no {prefix}-labels-idx1-ubyte[.gz] in {d}")
+        y = read_idx(lab)
+        if y.shape != (x.shape[0],):
+            raise DataError(f"{lab} has {y.shape[0]} labels for {x.shape[0]} images")
+        y = torch.from_numpy(y.astype(np.int64))
+    return ImageSet(torch.from_numpy(x).unsqueeze(1).contiguous(), y, classes, f"{name}:{split}")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts/lists of numpy arrays and nothing else (CIFAR's python batches)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D401
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def safe_unpickle_arrays(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            obj = _NumpyOnlyUnpickler(fh, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            OSError, struct.error) as e:
+        raise DataError(f"{path} is not a CIFAR python batch: {e}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} is not a CIFAR python batch (no dict inside)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def load_cifar_dir(directory: Union[str, Path], split: str = "train", labels: bool = True) -> ImageSet:
+    """CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test) python-pickle folder."""
+    d = Path(directory)
+    if (d / "data_batch_1").is_file() or (d / "test_batch").is_file():
+        files = sorted(d.glob("data_batch_*")) if split == "train" else [d / "test_batch"]
+        label_key, meta_file, names_key = "labels", d / "batches.meta", "label_names"
+    else:
+        files = [d / ("train" if split == "train" else "test")]
+        label_key, meta_file, names_key = "fine_labels", d / "meta", "fine_label_names"
+    xs, ys = [], []
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"missing CIFAR batch {f}")
+        batch = safe_unpickle_arrays(f)
+        data = np.asarray(batch.get("data"))
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"{f}: 'data' must be a uint8 array of shape (N, 3072)")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        if labels:
+            if label_key not in batch:
+                raise DataError(f"{f}: no '{label_key}' entry")
+            ys.append(np.asarray(batch[label_key], dtype=np.int64))
+    classes = None
+    if meta_file.is_file():
+        meta = safe_unpickle_arrays(meta_file)
+        names = meta.get(names_key)
+        if names is not None:
+            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    x = torch.from_numpy(np.concatenate(xs)).contiguous()
+    y = torch.from_numpy(np.concatenate(ys)) if labels else None
+    return ImageSet(x, y, classes, f"cifar:{split}")
+
+
+
+
+def _to_nchw_uint8(x: np.ndarray, where: str) -> torch.Tensor:
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"{where}: expected images of shape (N, H, W), (N, C, H, W) or (N, H, W, C), got {x.shape}")
+    if x.shape[1] not in (1, 3, 4) and x.shape[-1] in (1, 3, 4):
+        x = x.transpose(0, 3, 1, 2)
+    if x.dtype == np.uint8:
+        pass
+    elif np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise DataError(f"{where}: images contain NaN or Inf")
+        if x.min() < 0 or x.max() > 1:
+            raise DataError(f"{where}: float images must be in [0, 1]")
+        x = np.round(x * 255).astype(np.uint8)
+    elif x.dtype == np.uint16:
+        x = (x >> 8).astype(np.uint8)
+    else:
+        raise DataError(f"{where}: unsupported image dtype {x.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def load_npz(path: Union[str, Path], split: str = "train", labels: bool = True) -> ImageSet:
+    """A .npz with ``x``/``images`` (and ``y``/``labels``), or ``x_train``/``x_test`` pairs."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = set(z.files)
+            for xk, yk in ((f"x_{split}", f"y_{split}"), ("x", "y"), ("images", "labels")):
+                if xk in keys:
+                    x = z[xk]
+                    y = z[yk] if (labels and yk in keys) else None
+                    break
+            else:
+                raise DataError(f"{p}: no 'x', 'images' or 'x_{split}' array (found {sorted(keys)})")
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError) as e:
+        raise DataError(f"{p} is not a readable .npz file: {e}") from None
+    if labels and y is None:
+        raise DataError(f"{p}: no labels ('y', 'labels' or 'y_{split}')")
+    imgs = _to_nchw_uint8(x, str(p))
+    yt = None
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != imgs.shape[0] or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{p}: labels must be {imgs.shape[0]} integers")
+        yt = torch.from_numpy(y.astype(np.int64))
+    return ImageSet(imgs, yt, None, f"{p.name}:{split}")
+
+
+def list_image_files(directory: Path) -> Tuple[List[Path], List[int], List[str]]:
+    """Image files in a flat folder or one level of class sub-folders (sorted, deterministic)."""
+    subdirs = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: List[Path] = []
+    labels: List[int] = []
+    if subdirs:
+        classes = [p.name for p in subdirs]
+        for i, sd in enumerate(subdirs):
+            for f in sorted(sd.iterdir()):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    files.append(f)
+                    labels.append(i)
+    else:
+        classes = []
+    for f in sorted(directory.iterdir()):
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(f)
+            labels.append(-1)
+    return files, labels, classes
+
+
+def read_image(path: Path, channels: Optional[int] = None,
+               size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """One image file as a uint8 (C, H, W) array; 16-bit is scaled, alpha is dropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.int64)
+                arr = np.clip(arr >> 8 if arr.max() > 255 else arr, 0, 255).astype(np.uint8)
+                im = Image.fromarray(arr, mode="L")
+            want = channels or (1 if im.mode in ("L", "1", "P") and im.mode != "P" else 3)
+            im = im.convert("L" if want == 1 else "RGB")
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr)
+
+
+def load_image_folder(directory: Union[str, Path], labels: bool = True, channels: Optional[int] = None,
+                      size: Optional[Tuple[int, int]] = None, progress: bool = False) -> ImageSet:
+    """A folder of images, flat (unlabeled) or with one sub-folder per class."""
+    d = Path(directory)
+    files, labs, classes = list_image_files(d)
+    if not files:
+        raise DataError(f"{d} contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    if channels is None:
+        channels = read_image(files[0]).shape[0]
+    from .progress import progress_bar
+
+    arrays = []
+    for f in progress_bar(files, desc=f"reading {d.name}", disable=not progress, unit="img"):
+        a = read_image(f, channels, size)
+        if arrays and a.shape != arrays[0].shape:
+            raise DataError(f"{f} is {a.shape[2]}x{a.shape[1]}x{a.shape[0]} but {files[0].name} is "
+                            f"{arrays[0].shape[2]}x{arrays[0].shape[1]}x{arrays[0].shape[0]} (pass a resize)")
+        arrays.append(a)
+    x = torch.from_numpy(np.stack(arrays))
+    y = None
+    if labels:
+        if any(l < 0 for l in labs):
+            raise DataError(f"{d}: labels need one sub-folder per class; found loose image files")
+        y = torch.tensor(labs, dtype=torch.int64)
+    return ImageSet(x, y, classes or None, d.name)
+
+
+def fashion_mnist_dir() -> Path:
+    env = os.environ.get("BCU_FASHION_MNIST")
+    for cand in ([env] if env else []) + list(FASHION_MNIST_DIRS):
+        p = Path(cand)
+        if _find(p, ["train-images-idx3-ubyte"]) is not None:
+            return p
+    raise DataError("Fashion-MNIST not found: install Debian's dataset-fashion-mnist "
+                    "(apt-get install dataset-fashion-mnist) or set BCU_FASHION_MNIST to its folder")
+
+
+def load_dataset(spec: Union[str, Path], split: str = "train", labels: bool = True,
+                 channels: Optional[int] = None, size: Optional[Tuple[int, int]] = None,
+                 progress: bool = False) -> ImageSet:
+    """Load images from a name (``fashion-mnist``, ``synthetic``) or a path in any supported format.
+
+    ``labels=False`` never opens a label file: that is how the cleanse path loads its data.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', not {split!r}")
+    s = str(spec)
+    if s.lower() in ("fashion-mnist", "fmnist", "fashion_mnist"):
+        return load_idx_dir(fashion_mnist_dir(), split, labels, FASHION_MNIST_CLASSES, "fashion-mnist")
+    if s.lower().startswith("synthetic"):
+        return synthetic_from_spec(s, split, labels)
+    p = Path(s)
+    if not p.exists():
+        raise DataError(f"data {s!r} does not exist (give a folder, a .npz file, or 'fashion-mnist')")
+    if p.is_file():
+        if p.suffix.lower() == ".npz":
+            return load_npz(p, split, labels)
+        raise DataError(f"{p}: unsupported data file (use a folder or a .npz)")
+    if _find(p, ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"]) is not None:
+        return load_idx_dir(p, split, labels, None, p.name)
+    if any((p / f).is_file() for f in ("data_batch_1", "test_batch", "train", "test")) and not any(
+            (p / f).is_dir() for f in ("train", "test")):
+        return load_cifar_dir(p, split, labels)
+    if (p / split).is_dir():  # folder/train/<class>/..., folder/test/<class>/...
+        return load_image_folder(p / split, labels, channels, size, progress)
+    return load_image_folder(p, labels, channels, size, progress)
+
+
+# --------------------------------------------------------------------------------------------------
+# a synthetic task for tests and examples (no download, learnable in seconds)
+
+
+def make_synthetic(n: int, shape: Tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
+                   seed: int = 0, template_seed: int = 1234) -> ImageSet:
+    """Class-conditional smooth templates plus noise: a small CNN learns it in a few epochs.
+
+    ``template_seed`` fixes the task (same templates for train and test); ``seed`` the samples.
+    """
+    c, h, w = shape
+    tg = torch.Generator().manual_seed(template_seed)
+    coarse = torch.rand(num_classes, c, max(2, h // 7), max(2, w // 7), generator=tg)
+    templates = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    shift = torch.rand(n, 1, 1, 1, generator=g) * 0.3 - 0.15
+    noise = torch.randn(n, c, h, w, generator=g) * 0.12
+    x = (templates[y] * 0.8 + shift + noise).clamp(0, 1)
+    return ImageSet((x * 255).round().to(torch.uint8), y, [str(i) for i in range(num_classes)], "synthetic")
+
+
+def synthetic_from_spec(spec: str, split: str, labels: bool) -> ImageSet:
+    """``synthetic`` or ``synthetic:N`` or ``synthetic:N:CxHxW``."""
+    parts = spec.split(":")
+    try:
+        n = int(parts[1]) if len(parts) > 1 and parts[1] else 6000
+        shape = tuple(int(v) for v in parts[2].lower().split("x")) if len(parts) > 2 else (1, 28, 28)
+        if len(shape) != 3 or n <= 0:
+            raise ValueError
+    except ValueError:
+        raise DataError(f"bad synthetic spec {spec!r}: use synthetic[:N[:CxHxW]]") from None
+    ds = make_synthetic(n if split == "train" else max(n // 5, 100), shape, 10, seed=0 if split == "train" else 1)
+    return ds if labels else ds.without_labels()
+
+
+# --------------------------------------------------------------------------------------------------
+# batches and augmentation (pure tensor ops)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1] (float input passes through)."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def random_crop(x: torch.Tensor, pad: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random crop of the original size from a zero-padded batch (one offset per image)."""
+    if pad <= 0:
+        return x
+    n, c, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    bi = torch.arange(n, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return xp[bi, ci, rows, cols]
+
+
+def random_hflip(x: torch.Tensor, generator: Optional[torch.Generator] = None, p: float = 0.5) -> torch.Tensor:
+    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def sample_beta(n: int, alpha: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``n`` draws from Beta(alpha, alpha), reproducible through ``generator``."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        a = torch._standard_gamma(torch.full((n,), float(alpha)))
+        b = torch._standard_gamma(torch.full((n,), float(alpha)))
+    return a / (a + b).clamp_min(1e-12)
+
+
+def mixup(x: torch.Tensor, alpha: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Mix every image with a random partner, weight ~ Beta(alpha, alpha) per image (no labels)."""
+    if alpha <= 0:
+        return x
+    n = x.shape[0]
+    lam = sample_beta(n, alpha, generator).to(x.device, x.dtype)[:, None, None, None]
+    perm = torch.randperm(n, generator=generator).to(x.device)
+    return lam * x + (1 - lam) * x[perm]
+
+
+@dataclass
+class AugmentConfig:
+    """Batch augmentation used while training or distilling (paper: crop pad 4 + flip)."""
+
+    crop_pad: int = field(default=4, metadata={"help": "random-crop zero padding in pixels (0 = off)"})
+    hflip: bool = field(default=True, metadata={"help": "random horizontal flip"})
+
+    def __post_init__(self) -> None:
+        if self.crop_pad < 0:
+            from .errors import ConfigError
+
+            raise ConfigError(f"crop_pad must be >= 0, got {self.crop_pad}")
+
+
+def augment(x: torch.Tensor, cfg: AugmentConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    x = random_crop(x, cfg.crop_pad, generator)
+    if cfg.hflip:
+        x = random_hflip(x, generator)
+    return x
+
+
+def batches(data: ImageSet, batch_size: int, *, shuffle: bool, generator: Optional[torch.Generator] = None,
+            drop_last: bool = False, device: Union[str, torch.device] = "cpu",
+            with_labels: bool = True) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Yield (float images in [0, 1] on ``device``, labels or None) batches from resident data."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    images = data.images if data.images.device == torch.device(device) else data.images.to(device)
+    labels = None
+    if with_labels and data.labels is not None:
+        labels = data.labels.to(device)
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size].to(images.device)
+        yield to_float(images[idx]), (labels[idx] if labels is not None else None)

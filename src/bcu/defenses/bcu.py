@@ -1,0 +1,282 @@
+"""BCU: Backdoor Cleansing with Unlabeled data (Pang, Sun, Ling, Chen; CVPR 2023).
+
+Copy the suspicious model into a student, re-initialise a depth-dependent random fraction of the
+student's weights (:mod:`bcu.defenses.reinit`), then distil the teacher into the student on
+unlabeled images with KL(teacher || student) on temperature-softened outputs, the temperature
+rising over training. No label is read anywhere: the data reaches this module without labels.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import check, deep_merge, from_dict, to_dict
+from ..data import AugmentConfig, ImageSet, mixup, to_float
+from ..errors import ConfigError, DataError
+from ..train import OptimConfig, Step, fit, memory_format_for, predict
+from .base import DEFENSES, Defense, DefenseResult
+from .reinit import ReinitConfig, reinitialize
+
+
+@dataclass
+class DistillConfig:
+    """Distillation loss (paper: KL on softmax(logits / T), T = 1 + 3 (e + 1) / E, no T^2 factor)."""
+
+    t_start: float = field(default=1.0, metadata={"help": "temperature before the first epoch"})
+    t_end: float = field(default=4.0, metadata={"help": "temperature at the last epoch"})
+    t_squared: bool = field(default=False, metadata={"help": "scale the loss by T^2 (Hinton et al.)"})
+    mixup_alpha: float = field(default=0.0, metadata={
+        "help": "mix each batch with itself, Beta(alpha, alpha) weights (function matching; 0 = off)"})
+
+    def __post_init__(self) -> None:
+        check(self.t_start > 0 and self.t_end > 0, "temperatures must be > 0")
+        check(self.mixup_alpha >= 0, f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
+
+    def temperature(self, epoch: int, epochs: int) -> float:
+        return self.t_start + (self.t_end - self.t_start) * (epoch + 1) / epochs
+
+
+@dataclass
+class StopConfig:
+    """Label-free early stopping on a held-out slice of the unlabeled images."""
+
+    rule: Literal["none", "plateau"] = field(default="none", metadata={
+        "help": "none: run every epoch; plateau: stop when agreement and loss on the slice stop improving"})
+    monitor_size: int = field(default=500, metadata={"help": "unlabeled images watched each epoch"})
+    patience: int = field(default=5, metadata={"help": "plateau: epochs without improvement before stopping"})
+    min_delta: float = field(default=0.1, metadata={"help": "plateau: smallest agreement gain (points) that counts"})
+    min_epochs: int = field(default=5, metadata={"help": "plateau: never stop before this epoch"})
+
+    def __post_init__(self) -> None:
+        check(self.monitor_size >= 0, "monitor_size must be >= 0")
+        check(self.patience >= 1, "patience must be >= 1")
+
+
+@dataclass
+class CleanseConfig:
+    """Everything that defines a cleanse run. Defaults: bcu's measured defaults (see docs/method.md);
+    ``preset("paper")`` gives the authors' exact settings."""
+
+    reinit: ReinitConfig = field(default_factory=ReinitConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    seed: int = field(default=0, metadata={"help": "seed of masks, shuffling and augmentation"})
+
+
+# The authors' settings, verbatim.
+PAPER: Dict[str, Any] = {
+    "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 1.0},
+    "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": False, "mixup_alpha": 0.0},
+    "optim": {"epochs": 100, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+              "schedule": "cosine"},
+    "augment": {"crop_pad": 4, "hflip": True},
+    "stop": {"rule": "none"},
+}
+
+# bcu's defaults, chosen from the measurements in docs/method.md.
+DEFAULT: Dict[str, Any] = PAPER
+
+PRESETS: Dict[str, Dict[str, Any]] = {"paper": PAPER, "default": DEFAULT}
+
+
+def preset(name: str = "default", overrides: Optional[Dict[str, Any]] = None) -> CleanseConfig:
+    """A validated config from a named preset with nested ``overrides`` merged in."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return from_dict(CleanseConfig, deep_merge(PRESETS[name], overrides or {}))
+
+
+class DistillObjective:
+    """KL(teacher || student) on the same (augmented, optionally mixed) view for both."""
+
+    def __init__(self, teacher: nn.Module, cfg: DistillConfig) -> None:
+        self.teacher = teacher
+        self.cfg = cfg
+
+    def __call__(self, student: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], step: Step):
+        if y is not None:  # defensive: the loop is run with with_labels=False
+            raise RuntimeError("bcu's distillation must never see labels")
+        if self.cfg.mixup_alpha > 0:
+            x = mixup(x, self.cfg.mixup_alpha, step.generator)
+        T = self.cfg.temperature(step.epoch, step.epochs)
+        with torch.no_grad():
+            t_logits = self.teacher(x).float()
+        s_logits = student(x).float()
+        loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean",
+                        log_target=True)
+        if self.cfg.t_squared:
+            loss = loss * T * T
+        agree = (s_logits.argmax(1) == t_logits.argmax(1)).float().mean()
+        return loss, {"loss": float(loss.detach()), "agree": float(agree) * 100, "T": T}
+
+
+class Monitor:
+    """Per-epoch label-free signals on a fixed slice of unlabeled images, and the stopping rule."""
+
+    def __init__(self, teacher: nn.Module, images: torch.Tensor, cfg: StopConfig, device: str) -> None:
+        self.images = images
+        self.cfg = cfg
+        self.device = device
+        self.t_logits = predict(teacher, images, device=device) if len(images) else None
+        self.best = -1.0
+        self.best_loss = float("inf")
+        self.bad = 0
+
+    def __call__(self, epoch: int, student: nn.Module) -> Dict[str, Any]:
+        if self.t_logits is None:
+            return {}
+        s = predict(student, self.images, device=self.device)
+        agree = float((s.argmax(1) == self.t_logits.argmax(1)).float().mean()) * 100
+        kl = float(F.kl_div(F.log_softmax(s, 1), F.log_softmax(self.t_logits, 1), reduction="batchmean",
+                            log_target=True))
+        out: Dict[str, Any] = {"monitor_agree": agree, "monitor_kl": kl}
+        if self.cfg.rule == "plateau":
+            improved = agree > self.best + self.cfg.min_delta or kl < self.best_loss * 0.98
+            self.best = max(self.best, agree)
+            self.best_loss = min(self.best_loss, kl)
+            self.bad = 0 if improved else self.bad + 1
+            if self.bad >= self.cfg.patience and epoch + 1 >= self.cfg.min_epochs:
+                out["stop"] = True
+        return out
+
+
+def as_unlabeled(data: Any, name: str = "unlabeled") -> ImageSet:
+    """Images only, from an ImageSet, a tensor/array (N, C, H, W), or a Dataset yielding images.
+
+    Labels are never read: an ImageSet's ``labels`` attribute is not touched, a Dataset item that
+    is a tuple contributes only its first element.
+    """
+    if isinstance(data, ImageSet):
+        return ImageSet(data.images, None, None, data.name)
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if isinstance(data, torch.Tensor):
+        x = data
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        items = []
+        for i in range(len(data)):
+            item = data[i]
+            items.append(item[0] if isinstance(item, (tuple, list)) else item)
+        if not items:
+            raise DataError("the unlabeled data set is empty")
+        x = torch.stack([torch.as_tensor(v) for v in items])
+    else:
+        raise DataError(f"cannot use {type(data).__name__} as unlabeled images")
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4:
+        raise DataError(f"unlabeled images must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        x = x.float()
+        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise DataError("float images must be finite and in [0, 1]")
+        x = (x * 255).round().to(torch.uint8)
+    return ImageSet(x.contiguous(), None, None, name)
+
+
+def input_shape_of(model: nn.Module, data: ImageSet) -> Tuple[int, int, int]:
+    spec = getattr(model, "spec", None)
+    if spec is not None and tuple(spec.input_shape) != data.shape:
+        c, h, w = spec.input_shape
+        dc, dh, dw = data.shape
+        what = "channels" if c != dc else "size"
+        raise DataError(f"images are {dc}x{dh}x{dw} (CxHxW) but the model expects {c}x{h}x{w}: wrong {what}")
+    return data.shape
+
+
+class Cleanser:
+    """Runs BCU on any ``nn.Module`` classifier that takes (N, C, H, W) images in [0, 1]."""
+
+    def __init__(self, config: Optional[CleanseConfig] = None) -> None:
+        self.config = config or preset("default")
+
+    def run(self, model: nn.Module, unlabeled: Any, *, device: str = "cpu", progress: Optional[bool] = None,
+            resume_dir: Optional[Path] = None, reinit: bool = True, distill: bool = True) -> DefenseResult:
+        cfg = self.config
+        data = as_unlabeled(unlabeled)
+        shape = input_shape_of(model, data)
+        if distill and len(data) < cfg.optim.batch_size:
+            raise DataError(f"{len(data)} unlabeled images are fewer than one batch ({cfg.optim.batch_size}); "
+                            f"lower the batch size or add images")
+        t0 = time.time()
+        teacher = copy.deepcopy(model).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.to(memory_format=memory_format_for(teacher, None))
+        student = copy.deepcopy(model).to(device)
+        layers = reinitialize(student, shape, cfg.reinit) if reinit else []
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        perm = torch.randperm(len(data), generator=g)
+        n_mon = min(cfg.stop.monitor_size, len(data) // 5)
+        if cfg.stop.rule != "none" and n_mon > 0:
+            mon_idx, train_idx = perm[:n_mon], perm[n_mon:]  # held out from training
+            train = data.subset(train_idx.sort().values)
+        else:
+            mon_idx, train = perm[:n_mon], data  # watched, not held out
+        monitor = Monitor(teacher, data.images[mon_idx.sort().values], cfg.stop, device)
+        history: List[Dict[str, Any]] = []
+        if distill:
+            history = fit(student, train, DistillObjective(teacher, cfg.distill), cfg.optim,
+                          augment_cfg=cfg.augment, seed=cfg.seed, device=device, with_labels=False,
+                          epoch_hook=monitor, resume_dir=resume_dir, desc="cleanse", progress=progress)
+        student.eval()
+        info = {"layers": [l.as_dict() for l in layers], "config": to_dict(cfg),
+                "epochs_run": len(history), "stopped_early": len(history) < cfg.optim.epochs and distill,
+                "unlabeled_images": len(data), "training_images": len(train), "monitor_images": int(n_mon),
+                "seconds": time.time() - t0}
+        return DefenseResult(student, history, info)
+
+
+def cleanse(model: nn.Module, unlabeled: Any, config: Union[CleanseConfig, Dict[str, Any], str, None] = None,
+            *, device: str = "cpu", progress: Optional[bool] = None) -> nn.Module:
+    """Cleanse ``model`` with BCU on ``unlabeled`` images and return the cleansed copy.
+
+    ``config``: a CleanseConfig, a preset name (``"default"``, ``"paper"``), or a dict of overrides
+    on the default preset. The input model is not modified.
+    """
+    if isinstance(config, str):
+        config = preset(config)
+    elif isinstance(config, dict):
+        config = preset("default", config)
+    return Cleanser(config).run(model, unlabeled, device=device, progress=progress).model
+
+
+@DEFENSES.register("bcu")
+class BCU(Defense):
+    """BCU: re-initialise by depth, then distil on unlabeled images (label-free)."""
+
+    Config = CleanseConfig
+    uses_labels = False
+    reinit = True
+    distill = True
+
+    def __init__(self, config: Optional[CleanseConfig] = None) -> None:
+        super().__init__(config if config is not None else preset("default"))
+
+    def run(self, model, data, *, device="cpu", seed=0, progress=None, resume_dir=None) -> DefenseResult:
+        return Cleanser(self.config).run(model, data, device=device, progress=progress, resume_dir=resume_dir,
+                                         reinit=self.reinit, distill=self.distill)
+
+
+@DEFENSES.register("kd")
+class PlainKD(BCU):
+    """Ablation: distillation on unlabeled images without re-initialisation."""
+
+    reinit = False
+
+
+@DEFENSES.register("re")
+class ReinitOnly(BCU):
+    """Ablation: depth-aware re-initialisation without distillation."""
+
+    distill = False
