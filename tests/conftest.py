@@ -4,7 +4,7 @@ import pytest
 import torch
 
 os.environ.setdefault("BCU_PROGRESS", "0")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("BCU_TEST_THREADS", "2")))
 
 
 @pytest.fixture(autouse=True)

@@ -331,6 +331,44 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_defend(args: argparse.Namespace) -> int:
+    """Run any registered defense (label-using ones read the data's labels; bcu never does)."""
+    from .checkpoint import OutputDir, atomic_write_json, save_model
+    from .config import deep_merge, load_file, parse_overrides
+    from .data import load_dataset
+    from .defenses import DEFENSES, create_defense, run_defense
+
+    _setup_runtime(args)
+    cls = DEFENSES.get(args.defense)
+    over: Dict[str, Any] = load_file(args.config) if args.config else {}
+    over = deep_merge(over, parse_overrides(args.set))
+    defense = create_defense(args.defense, over)
+    model, info = load_model_from_args(args)
+    data = None
+    if cls.uses_data:
+        if not args.data:
+            raise ConfigError(f"defense {args.defense!r} needs --data")
+        data = load_dataset(args.data, split=args.split, labels=cls.uses_labels, progress=args.progress)
+    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume) as out:
+        try:
+            result = run_defense(defense, model, data, device=args.device, seed=args.seed, progress=args.progress,
+                                 resume_dir=out.path / "resume")
+        except Interrupted as e:
+            raise Interrupted(f"{e}; run the same command with --resume to continue") from None
+        sidecar = save_model(result.model.cpu(), out.path, extra={"defense": args.defense,
+                                                                  "input_sha256": info["sha256"]})
+        atomic_write_json(out.path / "report.json", {
+            "defense": args.defense, "uses_labels": cls.uses_labels, "input": {"model": str(args.model),
+            "sha256": info["sha256"], "data": args.data}, "output": {"sha256": sidecar["sha256"]},
+            "info": result.info, "history": result.history})
+        import shutil
+
+        shutil.rmtree(out.path / "resume", ignore_errors=True)
+        final = out.commit()
+    print(f"{args.defense}: repaired model written to {final}/")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     model, info = load_model_from_args(args)
     spec = model.spec
@@ -421,6 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack.*, optim.* or augment.* option, e.g. --set attack.patch_size=4")
     add_runtime(a)
     a.set_defaults(func=cmd_attack)
+
+    df = sub.add_parser("defend", help="run any defense from `bcu list defenses` (baselines, ablations)")
+    df.add_argument("--defense", required=True)
+    df.add_argument("--model", required=True)
+    df.add_argument("--data", help="images (with labels for label-using defenses)")
+    df.add_argument("--split", default="train", choices=["train", "test"])
+    add_output(df)
+    df.add_argument("--resume", action="store_true")
+    df.add_argument("--seed", type=int, default=0)
+    add_config(df)
+    add_model_options(df)
+    add_runtime(df)
+    df.set_defaults(func=cmd_defend)
 
     v = sub.add_parser("verify", help="check a model's weights against its sidecar and architecture")
     v.add_argument("model")
