@@ -231,7 +231,7 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
         state = load(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
         raise ModelError(f"{path} is not a valid safetensors file (corrupt or truncated): "
-                         f"{str(e).splitlines()[0][:160]}") from None
+                         f"{_first_line(str(e)) or type(e).__name__}") from None
     return state, sha256_bytes(data)
 
 
@@ -244,14 +244,18 @@ def _read_torch(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
         raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
     import io
 
+    import warnings
+
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: not one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise ModelError(f"{path} is not a plain state dict; refusing to unpickle it ({first[:160]})") from None
+        raise ModelError(f"{path} is not a plain state dict; refusing to unpickle it "
+                         f"({_unpickling_reason(str(e))})") from None
     except Exception as e:  # truncated zip, bad magic, ...: all "not a loadable state dict"
         raise ModelError(f"{path} is not a readable PyTorch state dict "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+                         f"({type(e).__name__}: {_first_line(str(e))})") from None
     for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and obj[key] and all(
                 isinstance(v, torch.Tensor) for v in obj[key].values()):
@@ -261,6 +265,25 @@ def _read_torch(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ModelError(f"{path} does not hold a state dict of named tensors")
     return dict(obj), sha256_bytes(data)
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    """The first non-empty line of ``text`` without terminal escapes, at most ``limit`` characters."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line[:limit]
+
+
+def _unpickling_reason(text: str) -> str:
+    """The useful part of torch's weights-only refusal, e.g. 'Unsupported global: GLOBAL io.open'."""
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = _first_line(text.split(marker, 1)[1]).split(" was not an allowed global")[0]
+        if reason:
+            return reason
+    return _first_line(text) or "unsafe content"
 
 
 def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
