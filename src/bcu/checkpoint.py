@@ -133,11 +133,14 @@ class OutputDir:
 
     def commit(self) -> Path:
         old = None
-        if self.final.exists():
-            old = self.final.with_name(self.final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final, old)
-        os.replace(self.staging, self.final)
+        try:
+            if self.final.exists():
+                old = self.final.with_name(self.final.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(self.final, old)
+            os.replace(self.staging, self.final)
+        except OSError as e:
+            raise _os_error(e, self.final) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.final

@@ -17,6 +17,13 @@ from .errors import BcuError, ConfigError, DataError, Interrupted
 # shared option groups
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with bcu's error contract: a usage mistake is one line and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{message} (see '{self.prog} --help')")
+
+
 def _shape(text: str):
     try:
         vals = tuple(int(v) for v in text.replace("x", ",").split(","))
@@ -107,6 +114,25 @@ def attack_from_spec(spec: str, overrides: Dict[str, Any], image_shape, num_clas
     return create_attack(spec, overrides, image_shape, num_classes)
 
 
+def _interrupted(e: BaseException, staging: Path) -> Interrupted:
+    """The Ctrl-C message: how to go on, and only promise --resume when a checkpoint exists."""
+    if (staging / "resume" / "state.pt").is_file():
+        return Interrupted(f"{e}; progress is kept in {staging}: run the same command with --resume to continue")
+    return Interrupted(f"{e}; nothing resumable was saved yet: run the same command again")
+
+
+def _check_images(model, data, where: str) -> None:
+    """Images of the wrong channel count or size are refused before any output is written."""
+    if len(data) == 0:
+        raise DataError(f"{where} holds no images")
+    c, h, w = (int(v) for v in model.spec.input_shape)
+    dc, dh, dw = data.shape
+    if (c, h, w) != (dc, dh, dw):
+        what = "channel count" if c != dc else "image size"
+        raise DataError(f"{where}: images are {dc}x{dh}x{dw} (CxHxW) but the model expects {c}x{h}x{w}: "
+                        f"wrong {what}")
+
+
 def _setup_runtime(args: argparse.Namespace) -> None:
     import torch
 
@@ -158,10 +184,12 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
     cfg = cleanse_config_from_args(args)
     model, info = load_model_from_args(args)
     data = load_dataset(args.data, split=args.split, labels=False, progress=args.progress)
+    _check_images(model, data, args.data)
     scores = {}
     test = attack = trig = None
     if args.test_data:
         test = load_dataset(args.test_data, split="test", labels=True)
+        _check_images(model, test, args.test_data)
         if args.attack:
             attack = attack_from_spec(args.attack, {}, model.spec.input_shape, model.spec.num_classes)
     with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume) as out:
@@ -169,7 +197,7 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
             result = Cleanser(cfg).run(model, data, device=args.device, progress=args.progress,
                                        resume_dir=out.path / "resume")
         except Interrupted as e:
-            raise Interrupted(f"{e}; run the same command with --resume to continue") from None
+            raise _interrupted(e, out.path) from None
         sidecar = save_model(result.model.cpu(), out.path, extra={"cleansed_by": "bcu", "teacher_sha256": info["sha256"]})
         if test is not None:
             from .metrics import accuracy, attack_scores, der
@@ -301,7 +329,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             history = attack.train(model, train, optim, augment_cfg=augment, seed=args.seed, device=args.device,
                                    resume_dir=out.path / "resume", progress=args.progress)
         except Interrupted as e:
-            raise Interrupted(f"{e}; run the same command with --resume to continue") from None
+            raise _interrupted(e, out.path) from None
         seconds = time.time() - t0
         save_model(model.cpu(), out.path, extra={"attack": args.attack})
         attack.save(out.path)
@@ -349,12 +377,13 @@ def cmd_defend(args: argparse.Namespace) -> int:
         if not args.data:
             raise ConfigError(f"defense {args.defense!r} needs --data")
         data = load_dataset(args.data, split=args.split, labels=cls.uses_labels, progress=args.progress)
+        _check_images(model, data, args.data)
     with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume) as out:
         try:
             result = run_defense(defense, model, data, device=args.device, seed=args.seed, progress=args.progress,
                                  resume_dir=out.path / "resume")
         except Interrupted as e:
-            raise Interrupted(f"{e}; run the same command with --resume to continue") from None
+            raise _interrupted(e, out.path) from None
         sidecar = save_model(result.model.cpu(), out.path, extra={"defense": args.defense,
                                                                   "input_sha256": info["sha256"]})
         atomic_write_json(out.path / "report.json", {
@@ -370,9 +399,14 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .errors import ModelError
+
     model, info = load_model_from_args(args)
     spec = model.spec
-    print(f"ok: {info['path']} sha256 {info['sha256']} matches its sidecar; architecture {spec.arch}, "
+    if info["sidecar"] and not info["sidecar"].get("sha256"):
+        raise ModelError(f"sidecar of {info['path']} records no sha256: the weights cannot be verified")
+    what = "matches its sidecar" if info["sidecar"] else "(no sidecar: architecture checked, no hash to compare)"
+    print(f"ok: {info['path']} sha256 {info['sha256']} {what}; architecture {spec.arch}, "
           f"{spec.num_classes} classes, input {'x'.join(map(str, spec.input_shape))}")
     return 0
 
@@ -391,7 +425,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bcu", description="Label-free backdoor cleansing of image classifiers.")
+    p = _Parser(prog="bcu", description="Label-free backdoor cleansing of image classifiers.")
     p.add_argument("--version", action="version", version=f"bcu {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -487,7 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ConfigError as e:
+        print(f"bcu: error: {e}", file=sys.stderr)
+        return e.exit_code
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -497,8 +535,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"bcu: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("bcu: interrupted", file=sys.stderr)
+        out = getattr(args, "out", None)
+        saved = bool(out) and (Path(str(out) + ".partial") / "resume" / "state.pt").is_file()
+        hint = "; run the same command with --resume to continue" if saved else ""
+        print(f"bcu: error: interrupted{hint}", file=sys.stderr)
         return 130
+    except OSError as e:  # the environment, not a bug: full disk, read-only or vanished files
+        import errno
+
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            print(f"bcu: error: disk full{where}", file=sys.stderr)
+            return 5
+        print(f"bcu: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        return 5 if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover
