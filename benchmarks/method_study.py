@@ -38,6 +38,13 @@ VARIANTS = {
                                 "distill": {"mixup_alpha": 1.0}}),
     "paper-x4-t2": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "distill": {"t_squared": True}}),
     "paper-x4-lr05": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "optim": {"lr": 0.05}}),
+    "paper-x3": ("paper", {"reinit": {"scale": 3.0, "max_ratio": 0.9}}),
+    "only-conv3": ("paper", {"reinit": {"overrides": {"net.features.8": 0.9}}}),
+    "only-fc1": ("paper", {"reinit": {"overrides": {"net.classifier.1": 0.9}}}),
+    "only-head": ("paper", {"reinit": {"overrides": {"net.classifier.3": 1.0}}}),
+    "paper-x4-e200": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "optim": {"epochs": 200}}),
+    "paper-x4-mix-e300": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "distill": {"mixup_alpha": 1.0},
+                                    "optim": {"epochs": 300}}),
 }
 
 
@@ -83,7 +90,7 @@ def main() -> None:
     extra = parse_overrides(args.set)
     for name in args.variants.split(","):
         base, over = VARIANTS[name] if name in VARIANTS else ("paper", {})
-        over = deep_merge(deep_merge(over, {"optim": {"epochs": args.epochs}, "seed": args.seed}), extra)
+        over = deep_merge(deep_merge({"optim": {"epochs": args.epochs}, "seed": args.seed}, over), extra)
         cfg = preset(base, over)
         t0 = time.time()
         res = Cleanser(cfg).run(model, unlabeled, progress=False)
