@@ -388,7 +388,9 @@ def cmd_defend(args: argparse.Namespace) -> int:
                                                                   "input_sha256": info["sha256"]})
         atomic_write_json(out.path / "report.json", {
             "defense": args.defense, "uses_labels": cls.uses_labels, "input": {"model": str(args.model),
-            "sha256": info["sha256"], "data": args.data}, "output": {"sha256": sidecar["sha256"]},
+            "sha256": info["sha256"], "data": args.data,
+            "data_sha256": data.fingerprint() if data is not None else None},
+            "output": {"sha256": sidecar["sha256"]},
             "info": result.info, "history": result.history})
         import shutil
 
