@@ -1,0 +1,78 @@
+"""SIG (Barni, Kallas & Tondi, ICIP 2019): a clean-label attack with a horizontal sinusoid.
+
+"A new backdoor attack in CNNs by training set corruption without label poisoning": only images
+of the target class are poisoned, by adding the signal ``v(i, j) = delta * sin(2 pi j f / m)``
+(``j`` the column, ``m`` the image width) to every row and channel, then clipping to the pixel
+range. Labels are never changed. At test time the same signal is added to non-target images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..config import check
+from .base import ATTACKS, Attack, AttackConfig
+
+
+@dataclass
+class SIGConfig(AttackConfig):
+    delta: float = field(default=20.0, metadata={
+        "help": "signal amplitude on the 0-255 scale used to poison training images (Barni et al. 2019: "
+                "20 for MNIST; BackdoorBench's default is 40)"})
+    frequency: float = field(default=6.0, metadata={
+        "help": "periods of the sinusoid across the image width (Barni et al. 2019 and BackdoorBench: f=6)"})
+    test_delta: Optional[float] = field(default=None, metadata={
+        "help": "amplitude of the test-time signal on the 0-255 scale (default: delta; Barni et al. show "
+                "that a stronger test signal raises ASR)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 < self.delta <= 255, f"delta must be in (0, 255], got {self.delta}")
+        check(self.frequency > 0, f"frequency must be > 0, got {self.frequency}")
+        check(self.test_delta is None or 0 < self.test_delta <= 255, "test_delta must be in (0, 255]")
+
+
+def sinusoid(shape, delta: float, frequency: float) -> torch.Tensor:
+    """The SIG signal of image shape (C, H, W) on the [0, 1] scale: delta/255 * sin(2 pi j f / W)."""
+    c, h, w = shape
+    j = torch.arange(w, dtype=torch.float64)
+    row = (delta / 255.0) * torch.sin(2 * math.pi * j * frequency / w)
+    return row.float().expand(c, h, w).clone()
+
+
+@ATTACKS.register("sig")
+class SIG(Attack):
+    """SIG: additive horizontal sinusoid on target-class images only; labels kept (clean label)."""
+
+    kind = "clean-label"
+    supports_all_to_all = False
+    Config = SIGConfig
+    config: SIGConfig
+
+    def setup(self) -> None:
+        self.buffers = {"signal": sinusoid(self.image_shape, self.config.delta, self.config.frequency)}
+
+    def _add(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        signal = self.buffers["signal"].to(x.device, x.dtype)
+        if tuple(x.shape[1:]) != tuple(signal.shape):
+            from ..errors import DataError
+
+            raise DataError(f"sig: images are {tuple(x.shape[1:])}, the trigger was built for {tuple(signal.shape)}")
+        return (x + scale * signal).clamp(0, 1)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Test-time trigger (amplitude ``test_delta`` if set, else ``delta``)."""
+        scale = 1.0 if self.config.test_delta is None else self.config.test_delta / self.config.delta
+        return self._add(x, scale)
+
+    def poison(self, train, model=None):
+        # training images always carry the training amplitude ``delta``
+        saved = self.config.test_delta
+        self.config.test_delta = None
+        try:
+            return super().poison(train, model)
+        finally:
+            self.config.test_delta = saved
