@@ -52,6 +52,8 @@ def _os_error(e: OSError, path: Path) -> OutputError:
         return OutputError(f"disk full while writing {path}")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"cannot write {path}: permission denied (read-only location?)")
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return OutputError(f"cannot write {path}: a file is in the way where a folder is needed")
     return OutputError(f"cannot write {path}: {e.strerror or e}")
 
 

@@ -13,6 +13,8 @@ import io
 import os
 import pickle
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -101,6 +103,12 @@ def take(data: ImageSet, n: int, seed: int = 0) -> ImageSet:
 
 # --------------------------------------------------------------------------------------------------
 # on-disk formats
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (its first non-empty line, else its type)."""
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return line[:limit] or type(e).__name__
 
 
 def _read_maybe_gz(path: Path) -> bytes:
@@ -259,8 +267,8 @@ def load_npz(path: Union[str, Path], split: str = "train", labels: bool = True) 
                 raise DataError(f"{p}: no 'x', 'images' or 'x_{split}' array (found {sorted(keys)})")
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, KeyError) as e:
-        raise DataError(f"{p} is not a readable .npz file: {e}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{p} is not a readable .npz file: {_one_line(e)}") from None
     if labels and y is None:
         raise DataError(f"{p}: no labels ('y', 'labels' or 'y_{split}')")
     imgs = _to_nchw_uint8(x, str(p))
@@ -337,7 +345,8 @@ def load_image_folder(directory: Union[str, Path], labels: bool = True, channels
         a = read_image(f, channels, size)
         if arrays and a.shape != arrays[0].shape:
             raise DataError(f"{f} is {a.shape[2]}x{a.shape[1]}x{a.shape[0]} but {files[0].name} is "
-                            f"{arrays[0].shape[2]}x{arrays[0].shape[1]}x{arrays[0].shape[0]} (pass a resize)")
+                            f"{arrays[0].shape[2]}x{arrays[0].shape[1]}x{arrays[0].shape[0]}: all images in a folder "
+                            f"must have the same size")
         arrays.append(a)
     x = torch.from_numpy(np.stack(arrays))
     y = None
