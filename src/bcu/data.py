@@ -346,7 +346,7 @@ def load_image_folder(directory: Union[str, Path], labels: bool = True, channels
         if arrays and a.shape != arrays[0].shape:
             raise DataError(f"{f} is {a.shape[2]}x{a.shape[1]}x{a.shape[0]} but {files[0].name} is "
                             f"{arrays[0].shape[2]}x{arrays[0].shape[1]}x{arrays[0].shape[0]}: all images in a folder "
-                            f"must have the same size")
+                            f"must have the same size (resize them first)")
         arrays.append(a)
     x = torch.from_numpy(np.stack(arrays))
     y = None
