@@ -1,0 +1,171 @@
+"""CLP: data-free backdoor removal by Channel Lipschitzness-based Pruning (Zheng, Zhang, Wang,
+Zhang; ECCV 2022).
+
+For every convolution whose output feeds a normalisation layer, the conv and the (eval-mode)
+BatchNorm are combined per output channel k as ``W_k * |gamma_k| / sigma_k``; the channel's
+*upper bound of the channel Lipschitz constant* (UCLC) is the spectral norm of that combined
+kernel reshaped to (in_channels, kh*kw). Within each layer, channels with
+``UCLC > mean + u * std`` are pruned by zeroing the normalisation layer's weight and bias for that
+channel (as in the authors' code). No image is used.
+
+Conv -> norm pairs are found by tracing one forward pass on zeros: a normalisation layer is paired
+with the convolution whose output tensor *is* its input (tensor identity in execution order) and
+whose channel count matches -- never by module names.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..config import check, to_dict
+from ..errors import ModelError
+from .base import DEFENSES, Defense, DefenseResult
+from .ft import input_shape_of
+from .reinit import is_norm
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class ConvPair:
+    """A convolution and the normalisation layer consuming its output (``norm`` None if none)."""
+
+    conv: str
+    norm: Optional[str]
+    channels: int
+    order: int
+    out_shape: Tuple[int, ...]
+
+
+def pair_conv_norm(model: nn.Module, input_shape: Sequence[int]) -> List[ConvPair]:
+    """All convolutions in execution order, each with the norm layer that consumes its output."""
+    modules = dict(model.named_modules())
+    conv_out: Dict[int, Tuple[str, torch.Tensor]] = {}
+    pairs: Dict[str, ConvPair] = {}
+    hooks = []
+
+    def conv_hook(name):
+        def hook(mod, _inp, out):
+            if isinstance(out, torch.Tensor) and name not in pairs:
+                conv_out[id(out)] = (name, out)  # keep the tensor alive so its id stays unique
+                pairs[name] = ConvPair(name, None, int(mod.out_channels), len(pairs), tuple(out.shape))
+        return hook
+
+    def norm_pre_hook(name):
+        def hook(mod, inp):
+            x = inp[0] if inp else None
+            if isinstance(x, torch.Tensor) and id(x) in conv_out:
+                cname, t = conv_out[id(x)]
+                if t is x and pairs[cname].norm is None:
+                    w = getattr(mod, "weight", None)
+                    if w is None or (w.dim() == 1 and w.numel() == pairs[cname].channels):
+                        pairs[cname].norm = name
+        return hook
+
+    for name, mod in modules.items():
+        if isinstance(mod, CONV_TYPES):
+            hooks.append(mod.register_forward_hook(conv_hook(name)))
+        elif is_norm(mod):
+            hooks.append(mod.register_forward_pre_hook(norm_pre_hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape, device=p.device, dtype=p.dtype))
+    except StopIteration:
+        raise ModelError("the model has no parameters") from None
+    except Exception as e:
+        raise ModelError(f"cannot run the model on inputs of shape {tuple(input_shape)}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return sorted(pairs.values(), key=lambda c: c.order)
+
+
+def _norm_scale(norm: nn.Module, channels: int) -> torch.Tensor:
+    """Per-channel |gamma| / sigma of an eval-mode norm layer (|gamma| alone without running stats)."""
+    w = getattr(norm, "weight", None)
+    gamma = w.detach().abs() if w is not None else torch.ones(channels)
+    var = getattr(norm, "running_var", None)
+    if var is not None:
+        return gamma / (var.detach() + getattr(norm, "eps", 1e-5)).sqrt()
+    return gamma
+
+
+@torch.no_grad()
+def channel_lipschitz(conv: nn.Module, norm: Optional[nn.Module]) -> torch.Tensor:
+    """UCLC of every output channel of ``conv`` (combined with ``norm`` when given), batched."""
+    w = conv.weight.detach().float()
+    k = w.reshape(w.shape[0], w.shape[1], -1)  # (out, in/groups, kh*kw)
+    if norm is not None:
+        k = k * _norm_scale(norm, w.shape[0]).float().to(k.device)[:, None, None]
+    return torch.linalg.matrix_norm(k, ord=2)
+
+
+@dataclass
+class CLPConfig:
+    """CLP options (default u = 3: the paper's setting for CIFAR-10, Zheng et al. 2022, Sec. 5)."""
+
+    u: float = field(default=3.0, metadata={"help": "prune channels with UCLC > mean + u * std of their layer (paper: 3)"})
+    include_unpaired: bool = field(default=False, metadata={
+        "help": "also prune convs with no norm layer by their own kernel's spectral norm (paper: conv+BN only)"})
+    input_shape: Optional[Tuple[int, int, int]] = field(default=None, metadata={
+        "help": "C,H,W for tracing when the model has no spec"})
+
+    def __post_init__(self) -> None:
+        check(self.u >= 0, f"clp.u must be >= 0, got {self.u}")
+
+
+@DEFENSES.register("clp")
+class CLP(Defense):
+    """CLP: data-free pruning of channels with an outlying Lipschitz upper bound."""
+
+    Config = CLPConfig
+    uses_labels = False
+    uses_data = False
+
+    def run(self, model, data, *, device="cpu", seed=0, progress=None, resume_dir=None) -> DefenseResult:
+        t0 = time.time()
+        out = copy.deepcopy(model).to(device).eval()
+        shape = input_shape_of(out, data, self.config.input_shape)
+        pairs = pair_conv_norm(out, shape)
+        modules = dict(out.named_modules())
+        layers: List[Dict[str, Any]] = []
+        total = 0
+        with torch.no_grad():
+            for pair in pairs:
+                if pair.norm is None and not self.config.include_unpaired:
+                    continue
+                conv = modules[pair.conv]
+                norm = modules[pair.norm] if pair.norm else None
+                lips = channel_lipschitz(conv, norm)
+                if lips.numel() < 2:
+                    continue
+                thr = lips.mean() + self.config.u * lips.std()
+                idx = torch.nonzero(lips > thr).flatten()
+                if len(idx):
+                    if norm is not None:
+                        for pname in ("weight", "bias"):
+                            p = getattr(norm, pname, None)
+                            if p is not None:
+                                p[idx] = 0
+                    else:
+                        conv.weight[idx] = 0
+                        if conv.bias is not None:
+                            conv.bias[idx] = 0
+                total += len(idx)
+                layers.append({"conv": pair.conv, "norm": pair.norm, "channels": pair.channels,
+                               "pruned": idx.tolist(), "threshold": float(thr), "max_uclc": float(lips.max())})
+        if not any(p.norm for p in pairs) and not self.config.include_unpaired:
+            raise ModelError("clp found no convolution followed by a normalisation layer "
+                             "(set include_unpaired=true to use the kernels alone)")
+        return DefenseResult(out, [], {"config": to_dict(self.config), "layers": layers, "pruned_channels": total,
+                                       "seconds": time.time() - t0})
