@@ -423,6 +423,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run (or continue) a benchmark grid from a config file; write results.{json,csv,md} and plots."""
+    from .bench import load_config, run_bench
+
+    _setup_runtime(args)
+    cfg = load_config(args.config)
+    if args.device != "cpu":
+        cfg.device = args.device
+    split_ = (lambda t: [v.strip() for v in t.split(",") if v.strip()] if t else None)
+    seeds = [int(v) for v in split_(args.seeds)] if args.seeds else None
+    out = Path(args.out or f"runs/bench-{cfg.name}")
+    stats = run_bench(cfg, out, config_path=args.config, workers=args.workers, threads=args.threads,
+                      attacks=split_(args.attacks), defenses=split_(args.defenses), seeds=seeds,
+                      unlabeled=split_(args.unlabeled), progress=bool(args.progress))
+    print(f"bench: {stats['computed']} cells computed, {stats['cached']} reused, {stats['rows']} results in "
+          f"{out}/results.md (+ results.json, results.csv, acc_asr.png)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -513,6 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("model")
     add_model_options(v)
     v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser("bench", help="attacks x defenses x seeds x unlabeled sources, resumable (docs/defenses.md)")
+    b.add_argument("--config", required=True, help="bench config (YAML/TOML/JSON), e.g. configs/bench-fmnist.yaml")
+    b.add_argument("--out", help="output folder (default runs/bench-<name>); finished cells there are reused")
+    b.add_argument("--workers", type=int, default=1, help="cells in parallel processes (threads = cores / N each)")
+    b.add_argument("--attacks", help="run only these attacks of the config (comma-separated)")
+    b.add_argument("--defenses", help="run only these defenses of the config")
+    b.add_argument("--seeds", help="run only these seeds of the config")
+    b.add_argument("--unlabeled", help="run only these unlabeled sources of the config")
+    add_runtime(b)
+    b.set_defaults(func=cmd_bench)
 
     ls = sub.add_parser("list", help="list models, attacks and defenses")
     ls.add_argument("what", nargs="?", choices=["models", "attacks", "defenses", "all"])
