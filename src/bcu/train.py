@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import check
-from .data import AugmentConfig, ImageSet, augment, batches
+from .data import AugmentConfig, ImageSet, augment, batches, to_float
 from .errors import BcuError, DataError, Interrupted
 from .progress import progress_bar
 
@@ -39,6 +39,8 @@ class OptimConfig:
     schedule: Literal["cosine", "step", "constant"] = field(default="cosine", metadata={"help": "lr schedule"})
     milestones: Tuple[float, ...] = field(default=(0.5, 0.75), metadata={"help": "step schedule: fractions of epochs"})
     gamma: float = 0.1
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the model being trained (not in the paper; pays on CUDA, rarely on CPU)"})
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -124,7 +126,39 @@ def load_resume(path: Path) -> Optional[Dict[str, Any]]:
         raise BcuError(f"resume checkpoint {f} is unreadable ({type(e).__name__}); start again without --resume") from None
 
 
-def fit(model: nn.Module, data: ImageSet, objective: Objective, optim: OptimConfig, *,
+def _chunks(order: torch.Tensor, batch_size: int, drop_last: bool) -> List[torch.Tensor]:
+    n = len(order)
+    stop = n - (n % batch_size) if drop_last and n > batch_size else n
+    return [order[s:s + batch_size] for s in range(0, stop, batch_size)]
+
+
+def _epoch_batches(data: Any, resident: Optional[ImageSet], chunks: List[torch.Tensor], dev: torch.device,
+                   with_labels: bool) -> Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(float [0, 1] images on ``dev``, labels or None) for each index chunk, in order."""
+    if resident is not None:
+        images, labels = resident.images, resident.labels
+        for idx in chunks:
+            idx = idx.to(images.device)
+            yield to_float(images[idx]), (labels[idx] if labels is not None else None)
+        return
+    for x, y in data.iter_batches(chunks, with_labels=with_labels, pin_memory=dev.type == "cuda"):
+        yield (to_float(x.to(dev, non_blocking=True)),
+               (y.to(dev, non_blocking=True) if y is not None else None))
+
+
+def _compiled(model: nn.Module, enabled: bool) -> nn.Module:
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model, dynamic=False)  # type: ignore[return-value]
+    except Exception as e:  # no compiler toolchain on this machine: run eagerly, say so
+        import warnings
+
+        warnings.warn(f"torch.compile unavailable ({type(e).__name__}); running eagerly")
+        return model
+
+
+def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *,
         augment_cfg: Optional[AugmentConfig] = None, seed: int = 0, device: str = "cpu",
         with_labels: bool = True, params: Optional[Iterable[nn.Parameter]] = None,
         epoch_hook: Optional[EpochHook] = None, resume_dir: Optional[Path] = None,
@@ -132,13 +166,28 @@ def fit(model: nn.Module, data: ImageSet, objective: Objective, optim: OptimConf
         progress: Optional[bool] = None, drop_last: bool = True) -> List[Dict[str, Any]]:
     """Train ``model`` in place; returns the per-epoch history.
 
+    ``data`` is an :class:`~bcu.data.ImageSet` (moved to the device once, batches gathered by
+    index) or a :class:`~bcu.stream.StreamingImages` (batches read from disk by DataLoader
+    workers); either way each batch gets the same tensor augmentation from the same per-epoch
+    generator, so both sources give identical batches for the same seed.
     ``with_labels=False`` hands the objective ``y=None`` and never touches ``data.labels``.
     ``epoch_hook(epoch, model)`` may return metrics to log and ``{"stop": True}`` to end early.
     With ``resume_dir``, state is saved after every epoch and restored from there when present.
+
+    Under ``torchrun`` (see :mod:`bcu.dist`) the model is wrapped in DistributedDataParallel, each
+    rank trains on a disjoint slice of every epoch's permutation with ``batch_size / world`` images
+    a step (the global batch stays ``batch_size``), and only rank 0 writes the resume state.
     """
+    from . import dist as bdist
+    from .stream import is_streaming
+
     if len(data) == 0:
         raise DataError("no training images")
-    dev = torch.device(device)
+    streaming = is_streaming(data)
+    dev = torch.device(bdist.device_for(str(device)))
+    distributed = bdist.init(dev)
+    rank, world = (bdist.rank(), bdist.world_size()) if distributed else (0, 1)
+    main = rank == 0
     fmt = memory_format_for(model, channels_last)
     model.to(dev, memory_format=fmt)
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -146,19 +195,35 @@ def fit(model: nn.Module, data: ImageSet, objective: Objective, optim: OptimConf
                           nesterov=optim.nesterov and optim.momentum > 0)
     history: List[Dict[str, Any]] = []
     start = 0
-    if resume_dir is not None:
-        state = load_resume(resume_dir)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            history = list(state["history"])
-            start = int(state["epoch"]) + 1
-            if state.get("extra", {}).get("stopped"):
-                start = optim.epochs
-    labels = data.labels.to(dev) if (with_labels and data.labels is not None) else None
-    resident = ImageSet(data.images.to(dev), labels, None, data.name)  # labels dropped unless asked for
-    bar = progress_bar(total=optim.epochs, initial=start, desc=desc, unit="ep", disable=None if progress is None
-                       else not progress)
+    state = load_resume(resume_dir) if (resume_dir is not None and main) else None
+    if distributed:
+        state = bdist.broadcast_state(state)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        start = int(state["epoch"]) + 1
+        if state.get("extra", {}).get("stopped"):
+            start = optim.epochs
+    batch_size = optim.batch_size
+    run_model: nn.Module = model
+    if distributed:
+        if batch_size < world:
+            raise DataError(f"batch_size {batch_size} is smaller than the {world} processes")
+        batch_size //= world
+        if len(data) // world < 1:
+            raise DataError(f"{len(data)} images cannot be shared by {world} processes")
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        run_model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    run_model = _compiled(run_model, getattr(optim, "compile", False))
+    resident: Optional[ImageSet] = None
+    if not streaming:
+        labels = data.labels.to(dev) if (with_labels and data.labels is not None) else None
+        resident = ImageSet(data.images.to(dev), labels, None, data.name)  # labels dropped unless asked for
+    n = len(data)
+    bar = progress_bar(total=optim.epochs, initial=start, desc=desc, unit="ep",
+                       disable=(not main) or (None if progress is None else not progress))
     stopped = False
     try:
         for epoch in range(start, optim.epochs):
@@ -167,39 +232,49 @@ def fit(model: nn.Module, data: ImageSet, objective: Objective, optim: OptimConf
             for group in opt.param_groups:
                 group["lr"] = lr
             gen = epoch_generator(seed, epoch)
+            order = torch.randperm(n, generator=gen)  # the same on every rank
+            if distributed:
+                per = n // world
+                order = order[rank * per:(rank + 1) * per]
+                if rank > 0:  # rank 0 keeps drawing from gen (one process == rank 0 of one)
+                    gen = epoch_generator(seed * 7919 + rank, epoch + 1_000_000)
             step = Step(epoch, optim.epochs, gen)
             model.train()
             sums: Dict[str, float] = {}
             count = 0
-            for x, y in batches(resident, optim.batch_size, shuffle=True, generator=gen,
-                                drop_last=drop_last and len(resident) > optim.batch_size, device=dev,
-                                with_labels=with_labels):
+            for x, y in _epoch_batches(data, resident, _chunks(order, batch_size, drop_last), dev, with_labels):
                 if augment_cfg is not None:
                     x = augment(x, augment_cfg, gen)
                 x = x.contiguous(memory_format=fmt)
                 with autocast_for(dev):
-                    loss, metrics = objective(model, x, y, step)
+                    loss, metrics = objective(run_model, x, y, step)
                 if not torch.isfinite(loss):
                     raise BcuError(f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                n = x.shape[0]
-                count += n
+                m = x.shape[0]
+                count += m
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v * n
+                    sums[k] = sums.get(k, 0.0) + v * m
+            if distributed:  # metrics over all ranks' images
+                keys = sorted(sums)
+                tot = bdist.all_reduce_sum(torch.tensor([float(count)] + [sums[k] for k in keys], dtype=torch.float64))
+                count, sums = int(tot[0]), {k: float(v) for k, v in zip(keys, tot[1:])}
             row: Dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
             row.update({k: v / max(count, 1) for k, v in sums.items()})
             if epoch_hook is not None:
                 extra = epoch_hook(epoch, model) or {}
                 stopped = bool(extra.pop("stop", False))
                 row.update(extra)
+            if distributed:
+                stopped = bdist.broadcast_flag(stopped)  # rank 0 decides for everyone
             row["seconds"] = time.time() - t0
             history.append(row)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("epoch", "seconds", "lr")
                              and isinstance(v, float)})
-            if resume_dir is not None:
+            if resume_dir is not None and main:
                 _save_resume(resume_dir, model, opt, epoch, history, {"stopped": stopped})
             if stopped:
                 break

@@ -109,8 +109,9 @@ class DistillObjective:
         if self.cfg.mixup_alpha > 0:
             x = mixup(x, self.cfg.mixup_alpha, step.generator)
         T = self.cfg.temperature(step.epoch, step.epochs)
-        with torch.no_grad():
+        with torch.inference_mode():
             t_logits = self.teacher(x).float()
+        t_logits = t_logits.clone()  # an ordinary tensor again: autograd may save it for the backward pass
         s_logits = student(x).float()
         loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean",
                         log_target=True)
@@ -158,6 +159,8 @@ def as_unlabeled(data: Any, name: str = "unlabeled") -> ImageSet:
     """
     if isinstance(data, ImageSet):
         return ImageSet(data.images, None, None, data.name)
+    if getattr(data, "streaming", False):  # bcu.stream.StreamingImages: stays on disk, labels dropped
+        return data.without_labels()
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
     if isinstance(data, torch.Tensor):
