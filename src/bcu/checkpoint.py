@@ -147,12 +147,20 @@ class OutputDir:
             shutil.rmtree(old, ignore_errors=True)
         return self.final
 
+    def _has_checkpoint(self) -> bool:
+        """A finished checkpoint file in ``resume/`` (temporary ``.name.tmp`` files do not count)."""
+        d = self.staging / "resume"
+        try:
+            return d.is_dir() and any(p.is_file() and not p.name.startswith(".") for p in d.iterdir())
+        except OSError:
+            return False
+
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             return
         interrupted = exc_type is KeyboardInterrupt or (
             isinstance(exc, BcuError) and exc.exit_code == 130)
-        if interrupted and (self.staging / "resume").exists():
+        if interrupted and self._has_checkpoint():
             return  # keep the checkpoint for --resume
         shutil.rmtree(self.staging, ignore_errors=True)
 
