@@ -268,7 +268,7 @@ def _read_torch(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
                          f"({_unpickling_reason(str(e))})") from None
     except Exception as e:  # truncated zip, bad magic, ...: all "not a loadable state dict"
         raise ModelError(f"{path} is not a readable PyTorch state dict "
-                         f"({type(e).__name__}: {_first_line(str(e))})") from None
+                         f"({type(e).__name__}: {_first_line(str(e)).split('. ')[0]})") from None
     for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and obj[key] and all(
                 isinstance(v, torch.Tensor) for v in obj[key].values()):
