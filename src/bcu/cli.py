@@ -183,8 +183,22 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
     _setup_runtime(args)
     cfg = cleanse_config_from_args(args)
     model, info = load_model_from_args(args)
-    data = load_dataset(args.data, split=args.split, labels=False, progress=args.progress)
+    if getattr(args, "stream", False):  # images stay on disk, read batch by batch (docs/performance.md)
+        from .stream import load_stream
+
+        data = load_stream(args.data, split=args.split, labels=False)
+    else:
+        data = load_dataset(args.data, split=args.split, labels=False, progress=args.progress)
     _check_images(model, data, args.data)
+    from . import dist
+
+    args.device = dist.device_for(args.device)  # under torchrun: one GPU per process
+    if not dist.is_main():  # torchrun: ranks > 0 train their shard, rank 0 alone writes (docs/distributed.md)
+        dist.init(args.device)
+        Cleanser(cfg).run(model, data, device=args.device, progress=False)
+        dist.barrier()
+        dist.shutdown()
+        return 0
     scores = {}
     test = attack = trig = None
     if args.test_data:
@@ -224,6 +238,8 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
 
         shutil.rmtree(out.path / "resume", ignore_errors=True)
         final = out.commit()
+    dist.barrier()
+    dist.shutdown()
     print(f"cleansed model written to {final}/ (report: {final}/report.md)")
     if scores:
         from .report import scores_table
@@ -475,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int)
     c.add_argument("--test-data", help="optional labelled test set, to put ACC/ASR in the report (never used to train)")
     c.add_argument("--attack", help="optional attack artifact or name, for ASR in the report")
+    c.add_argument("--stream", action="store_true", help="read --data from disk batch by batch (image folders, "
+                   ".npy, uncompressed .npz) instead of loading it all into memory")
     add_model_options(c)
     add_runtime(c)
     c.set_defaults(func=cmd_cleanse)

@@ -190,6 +190,7 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
     main = rank == 0
     fmt = memory_format_for(model, channels_last)
     model.to(dev, memory_format=fmt)
+    _ordinary_tensors(model)
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                           nesterov=optim.nesterov and optim.momentum > 0)
@@ -287,7 +288,18 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
     return history
 
 
-@torch.inference_mode()
+def _ordinary_tensors(model: nn.Module) -> None:
+    """Replace parameters/buffers created under inference_mode (they cannot be trained or synced)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            for name, b in mod._buffers.items():
+                if b is not None and b.is_inference():
+                    mod._buffers[name] = b.clone()
+            for name, p in mod._parameters.items():
+                if p is not None and p.is_inference():
+                    p.data = p.data.clone()
+
+
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, device: str = "cpu",
             transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Logits for uint8 (or float [0, 1]) images, in eval mode, batched; returned on CPU."""
@@ -297,14 +309,15 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, devi
     was_training = model.training
     model.eval()
     fmt = memory_format_for(model, None)
-    model.to(dev, memory_format=fmt)
+    model.to(dev, memory_format=fmt)  # outside inference_mode: moved weights stay ordinary tensors
     out = []
-    for s in range(0, images.shape[0], batch_size):
-        x = to_float(images[s:s + batch_size].to(dev))
-        if transform is not None:
-            x = transform(x)
-        with autocast_for(dev):
-            out.append(model(x.contiguous(memory_format=fmt)).float().cpu())
+    with torch.inference_mode():
+        for s in range(0, images.shape[0], batch_size):
+            x = to_float(images[s:s + batch_size].to(dev))
+            if transform is not None:
+                x = transform(x)
+            with autocast_for(dev):
+                out.append(model(x.contiguous(memory_format=fmt)).float().cpu())
     model.train(was_training)
     if not out:
         return torch.empty(0)
