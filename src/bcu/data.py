@@ -13,8 +13,6 @@ import io
 import os
 import pickle
 import struct
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -267,10 +265,12 @@ def load_npz(path: Union[str, Path], split: str = "train", labels: bool = True) 
                 raise DataError(f"{p}: no 'x', 'images' or 'x_{split}' array (found {sorted(keys)})")
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    except Exception as e:  # numpy's header parser can raise SyntaxError, tokenize.TokenError, ...: all "unreadable"
         raise DataError(f"{p} is not a readable .npz file: {_one_line(e)}") from None
     if labels and y is None:
         raise DataError(f"{p}: no labels ('y', 'labels' or 'y_{split}')")
+    if not isinstance(x, np.ndarray) or (y is not None and not isinstance(y, np.ndarray)):
+        raise DataError(f"{p}: a member is not a .npy array")
     imgs = _to_nchw_uint8(x, str(p))
     yt = None
     if y is not None:
