@@ -134,16 +134,15 @@ def _chunks(order: torch.Tensor, batch_size: int, drop_last: bool) -> List[torch
 
 def _epoch_batches(data: Any, resident: Optional[ImageSet], chunks: List[torch.Tensor], dev: torch.device,
                    with_labels: bool) -> Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """(float [0, 1] images on ``dev``, labels or None) for each index chunk, in order."""
+    """(uint8 images on ``dev``, labels or None) for each index chunk, in order."""
     if resident is not None:
         images, labels = resident.images, resident.labels
         for idx in chunks:
             idx = idx.to(images.device)
-            yield to_float(images[idx]), (labels[idx] if labels is not None else None)
+            yield images[idx], (labels[idx] if labels is not None else None)
         return
     for x, y in data.iter_batches(chunks, with_labels=with_labels, pin_memory=dev.type == "cuda"):
-        yield (to_float(x.to(dev, non_blocking=True)),
-               (y.to(dev, non_blocking=True) if y is not None else None))
+        yield x.to(dev, non_blocking=True), (y.to(dev, non_blocking=True) if y is not None else None)
 
 
 def _compiled(model: nn.Module, enabled: bool) -> nn.Module:
@@ -244,9 +243,9 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
             sums: Dict[str, float] = {}
             count = 0
             for x, y in _epoch_batches(data, resident, _chunks(order, batch_size, drop_last), dev, with_labels):
-                if augment_cfg is not None:
-                    x = augment(x, augment_cfg, gen)
-                x = x.contiguous(memory_format=fmt)
+                if augment_cfg is not None:  # crop/flip only move pixels: on uint8 it is 4x less memory
+                    x = augment(x, augment_cfg, gen)  # traffic and the same values as on floats
+                x = to_float(x).contiguous(memory_format=fmt)
                 with autocast_for(dev):
                     loss, metrics = objective(run_model, x, y, step)
                 if not torch.isfinite(loss):
