@@ -123,6 +123,7 @@ def _kill_and_resume(args, out: Path, reference: str) -> None:
     return r
 
 
+@pytest.mark.slow  # real subprocesses
 def test_cleanse_kill9_then_resume_is_bit_identical(backdoored, cleanse_reference, tmp_path):
     out = tmp_path / "c"
     _kill_and_resume(cleanse_args(backdoored, out), out, cleanse_reference)
@@ -130,24 +131,29 @@ def test_cleanse_kill9_then_resume_is_bit_identical(backdoored, cleanse_referenc
     assert [h["epoch"] for h in hist] == list(range(1, EPOCHS + 1))  # history survives the kill too
 
 
+@pytest.mark.slow  # real subprocesses
 def test_attack_kill9_then_resume_is_bit_identical(attack_reference, tmp_path):
     out = tmp_path / "a"
     _kill_and_resume(attack_args(out), out, attack_reference)
 
 
-def test_resume_from_a_corrupt_checkpoint_is_one_line(backdoored, tmp_path):
+@pytest.mark.slow  # needs the backdoored model (one subprocess run)
+def test_resume_from_a_corrupt_checkpoint_is_one_line(backdoored, tmp_path, capsys):
     out = tmp_path / "c"
     staging = Path(str(out) + ".partial")
     (staging / "resume").mkdir(parents=True)
     (staging / "resume" / "state.pt").write_bytes(b"PK\x03\x04 cut short")
     rc = main([str(a) for a in cleanse_args(backdoored, out)] + ["--resume"])
-    assert rc != 0 and not out.exists()
+    lines = capsys.readouterr().err.strip("\n").split("\n")
+    assert rc == 1 and len(lines) == 1 and "is unreadable" in lines[0] and "without --resume" in lines[0]
+    assert not out.exists() and not staging.exists()
 
 
 # -------------------------------------------------------------------------------------------------
 # (c) Ctrl-C
 
 
+@pytest.mark.slow  # real subprocesses
 def test_cleanse_sigint_keeps_checkpoint_and_resume_completes(backdoored, cleanse_reference, tmp_path):
     out = tmp_path / "c"
     args = cleanse_args(backdoored, out)
@@ -166,6 +172,7 @@ def test_cleanse_sigint_keeps_checkpoint_and_resume_completes(backdoored, cleans
     assert sha256_file(out / "model.safetensors") == cleanse_reference and not staging.exists()
 
 
+@pytest.mark.slow  # real subprocesses
 def test_sigint_before_the_first_checkpoint_leaves_nothing(backdoored, tmp_path):
     """Interrupted before any epoch finished: nothing to resume, so nothing is kept, and the
     message does not promise --resume."""
@@ -190,6 +197,7 @@ def test_sigint_before_the_first_checkpoint_leaves_nothing(backdoored, tmp_path)
 # (d) determinism
 
 
+@pytest.mark.slow  # real subprocesses
 def test_cleanse_is_deterministic(backdoored, cleanse_reference, tmp_path):
     """A second uninterrupted run gives the same model. It also starts where a crashed run left
     ``<out>.partial`` behind: without --resume that leftover is discarded, not used."""
@@ -202,6 +210,7 @@ def test_cleanse_is_deterministic(backdoored, cleanse_reference, tmp_path):
     assert sha256_file(out / "model.safetensors") == cleanse_reference and not staging.exists()
 
 
+@pytest.mark.slow  # real subprocesses
 def test_attack_is_deterministic(attack_reference, tmp_path):
     out = tmp_path / "a"
     r = bcu(*attack_args(out))
