@@ -51,7 +51,11 @@ def main(argv: List[str] | None = None) -> int:
                    help="an attack option, e.g. --set inputaware.mask_epochs=2")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path)
+    p.add_argument("--table", type=Path, help="print the rows of this results file as a Markdown table and exit")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
     for n in names:
@@ -95,6 +99,15 @@ def main(argv: List[str] | None = None) -> int:
             if args.out:
                 merge(args.out, [row])
     return 0
+
+
+def table(rows: List[Dict[str, Any]]) -> str:
+    lines = ["| attack | seed | clean ACC | ACC | ASR | RA | poison rate | seconds | command |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['attack']} | {r['seed']} | {r['clean_acc']:.2f} | {r['acc']:.2f} | {r['asr']:.2f} | "
+                     f"{r['ra']:.2f} | {r['poison_rate']} | {r['seconds']:.0f} | `{r['command']}` |")
+    return "\n".join(lines)
 
 
 def merge(path: Path, rows: List[Dict[str, Any]]) -> None:
