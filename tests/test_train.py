@@ -101,6 +101,9 @@ def test_npz_memmap_and_compressed_fallback(tmp_path):
     assert torch.equal(s.labels, d.labels)
     r = load_stream(tmp_path / "b.npz", labels=True)
     assert isinstance(r, ImageSet) and torch.equal(r.images, d.images)
+    from bcu.data import load_dataset
+
+    assert isinstance(load_dataset(tmp_path / "a.npz", labels=False, stream=True), StreamingImages)
 
 
 def test_fit_is_deterministic_and_drop_last():

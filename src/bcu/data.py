@@ -369,11 +369,17 @@ def fashion_mnist_dir() -> Path:
 
 def load_dataset(spec: Union[str, Path], split: str = "train", labels: bool = True,
                  channels: Optional[int] = None, size: Optional[Tuple[int, int]] = None,
-                 progress: bool = False) -> ImageSet:
+                 progress: bool = False, stream: bool = False) -> ImageSet:
     """Load images from a name (``fashion-mnist``, ``synthetic``) or a path in any supported format.
 
     ``labels=False`` never opens a label file: that is how the cleanse path loads its data.
+    ``stream=True`` leaves image folders, .npy and uncompressed .npz files on disk and returns a
+    :class:`bcu.stream.StreamingImages` (read batch by batch while training; see bcu.stream).
     """
+    if stream:
+        from .stream import load_stream
+
+        return load_stream(spec, split, labels, channels=channels, size=size)  # type: ignore[return-value]
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', not {split!r}")
     s = str(spec)
