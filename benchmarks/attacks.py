@@ -5,7 +5,7 @@ The recipe is the demo's (``bcu demo`` / ``bcu attack``): hold out 5,000 trainin
 batch_size=128, lr=0.05)`` and ``AugmentConfig()`` (crop + flip), target class 0, poison rate
 0.1, attack options at their defaults unless ``--set`` says otherwise. A clean model is trained
 the same way for each seed. Prints one JSON object per (attack, seed) and merges the rows into
-``--out`` (rows with the same attack and seed are replaced)::
+``--out`` (a row with the same attack, seed and command is replaced)::
 
     flock /tmp/bcu-heavy.lock env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/attacks.py \\
         --attacks badnets,blended,sig,lc,wanet,inputaware --seeds 0 --out docs/results/attacks-fmnist.json
@@ -112,10 +112,10 @@ def table(rows: List[Dict[str, Any]]) -> str:
 
 def merge(path: Path, rows: List[Dict[str, Any]]) -> None:
     old = json.loads(path.read_text()) if path.is_file() else []
-    keys = {(r["attack"], r["seed"]) for r in rows}
+    keys = {(r["attack"], r["seed"], r["command"]) for r in rows}  # the same run again replaces its row
     order = {n: i for i, n in enumerate(["badnets", "blended", "sig", "lc", "wanet", "inputaware"])}
-    out = [r for r in old if (r["attack"], r["seed"]) not in keys] + rows
-    out.sort(key=lambda r: (order.get(r["attack"], 99), r["attack"], r["seed"]))
+    out = [r for r in old if (r["attack"], r["seed"], r["command"]) not in keys] + rows
+    out.sort(key=lambda r: (order.get(r["attack"], 99), r["attack"], r["seed"], r["command"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1) + "\n")
