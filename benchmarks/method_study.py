@@ -45,6 +45,13 @@ VARIANTS = {
     "paper-x4-e200": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "optim": {"epochs": 200}}),
     "paper-x4-mix-e300": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "distill": {"mixup_alpha": 1.0},
                                     "optim": {"epochs": 300}}),
+    "x4-t2-e200": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "distill": {"t_squared": True},
+                             "optim": {"epochs": 200}}),
+    "x4-t2-lr02": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "distill": {"t_squared": True},
+                             "optim": {"lr": 0.02}}),
+    "x3-t2": ("paper", {"reinit": {"scale": 3.0, "max_ratio": 0.9}, "distill": {"t_squared": True}}),
+    "x4-t2-mix": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "distill": {"t_squared": True,
+                                                                                   "mixup_alpha": 1.0}}),
 }
 
 

@@ -160,3 +160,19 @@ def test_bcu_removes_a_backdoor_that_plain_kd_keeps(synth):
     kd_s, bcu_s = attack_scores(kd, test, attack), attack_scores(cleansed, test, attack)
     assert kd_s.asr > 60, kd_s
     assert bcu_s.asr < 20 and bcu_s.acc > before.acc - 15, bcu_s
+
+
+def test_monitor_restore_replays_the_plateau_counters():
+    from bcu.defenses.bcu import Monitor, StopConfig
+
+    cfg = StopConfig(rule="plateau", patience=2, min_epochs=1)
+    empty = torch.zeros(0, 1, 28, 28, dtype=torch.uint8)
+    live, resumed = Monitor(None, empty, cfg, "cpu"), Monitor(None, empty, cfg, "cpu")
+    rows = [(50.0, 1.0), (60.0, 0.8), (60.05, 0.79), (60.0, 0.80)]
+    history = []
+    for e, (a, k) in enumerate(rows):
+        stop = live._update(e, a, k)
+        history.append({"epoch": e + 1, "monitor_agree": a, "monitor_kl": k})
+    resumed.restore(history)
+    assert (live.best, live.best_loss, live.bad) == (resumed.best, resumed.best_loss, resumed.bad)
+    assert stop and resumed.bad == 2

@@ -205,6 +205,8 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
         start = int(state["epoch"]) + 1
         if state.get("extra", {}).get("stopped"):
             start = optim.epochs
+        if hasattr(epoch_hook, "restore"):  # stateful hooks (early stopping) replay the saved history
+            epoch_hook.restore(history)
     batch_size = optim.batch_size
     run_model: nn.Module = model
     if distributed:

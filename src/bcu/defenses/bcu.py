@@ -141,14 +141,25 @@ class Monitor:
         kl = float(F.kl_div(F.log_softmax(s, 1), F.log_softmax(self.t_logits, 1), reduction="batchmean",
                             log_target=True))
         out: Dict[str, Any] = {"monitor_agree": agree, "monitor_kl": kl}
-        if self.cfg.rule == "plateau":
-            improved = agree > self.best + self.cfg.min_delta or kl < self.best_loss * 0.98
-            self.best = max(self.best, agree)
-            self.best_loss = min(self.best_loss, kl)
-            self.bad = 0 if improved else self.bad + 1
-            if self.bad >= self.cfg.patience and epoch + 1 >= self.cfg.min_epochs:
-                out["stop"] = True
+        if self._update(epoch, agree, kl):
+            out["stop"] = True
         return out
+
+    def _update(self, epoch: int, agree: float, kl: float) -> bool:
+        """Advance the plateau counters; True when the rule says stop."""
+        if self.cfg.rule != "plateau":
+            return False
+        improved = agree > self.best + self.cfg.min_delta or kl < self.best_loss * 0.98
+        self.best = max(self.best, agree)
+        self.best_loss = min(self.best_loss, kl)
+        self.bad = 0 if improved else self.bad + 1
+        return self.bad >= self.cfg.patience and epoch + 1 >= self.cfg.min_epochs
+
+    def restore(self, history: List[Dict[str, Any]]) -> None:
+        """Rebuild the counters from a resumed run's history, so --resume stops where a run would."""
+        for row in history:
+            if "monitor_agree" in row:
+                self._update(int(row["epoch"]) - 1, row["monitor_agree"], row["monitor_kl"])
 
 
 def as_unlabeled(data: Any, name: str = "unlabeled") -> ImageSet:
