@@ -47,7 +47,10 @@ class _BatchReader(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         idx = self.chunks[i]
-        x = self.source.read(idx)
+        try:
+            x = self.source.read(idx)
+        except DataError as e:  # handed to the main process as a value: one clean line, not a worker traceback
+            return None, str(e)
         if self.with_labels and self.source.labels is not None:
             return x, self.source.labels[idx]
         return x, torch.empty(0, dtype=torch.int64)
@@ -197,6 +200,8 @@ class StreamingImages:
             reader, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
             prefetch_factor=self.prefetch if workers > 0 else None, persistent_workers=False)
         for x, y in loader:
+            if x is None:
+                raise DataError(y)
             yield x, (y if (with_labels and self.labels is not None) else None)
 
     def fingerprint(self, batch_size: int = 1024) -> str:
