@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bcu.attacks import ATTACKS, create_attack, load_attack, quantize
 from bcu.cli import main
-from bcu.data import ImageSet, make_synthetic, to_float
+from bcu.data import make_synthetic, to_float
 from bcu.errors import ConfigError, DataError
 from bcu.models import create_model
 from bcu.train import OptimConfig, epoch_generator

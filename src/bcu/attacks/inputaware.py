@@ -5,8 +5,8 @@ mask network ``M`` decides where to paste it, ``x' = x + (G(x) - x) * M(x)``. Tr
 phases, as in the paper's code:
 
 1. **mask pre-training** (``mask_epochs``; paper 25, default 2 here, see the field's help):
-   ``M`` alone learns sparse (density loss, ``lambda_norm * mean(relu(m - mask_density))``) and diverse masks (diversity loss
-   ``||x1 - x2|| / ||m1 - m2||``), with Adam;
+   ``M`` alone learns sparse masks (density loss ``lambda_norm * mean(relu(m - mask_density))``)
+   that differ between images (diversity loss ``||x1 - x2|| / ||m1 - m2||``), with Adam;
 2. **joint training**: the classifier (SGD, the ``OptimConfig``) and ``G`` (Adam) are trained
    together through ``bcu.train.fit``; in every batch a fraction ``poison_rate`` gets its own
    trigger and the target label, a fraction ``cross_rate`` gets the trigger of *another* image
@@ -46,7 +46,8 @@ class InputAwareConfig(AttackConfig):
     lambda_div: float = field(default=1.0, metadata={"help": "weight of the diversity loss (paper: 1)"})
     lambda_norm: float = field(default=100.0, metadata={"help": "weight of the mask density loss (paper: 100)"})
     mask_density: float = field(default=0.032, metadata={"help": "target mask density (paper: 0.032)"})
-    lr_g: float = field(default=0.01, metadata={"help": "Adam lr of the pattern generator (paper: 0.01, betas 0.5/0.9)"})
+    lr_g: float = field(default=0.01, metadata={
+        "help": "Adam lr of the pattern generator (paper: 0.01, betas 0.5/0.9)"})
     lr_m: float = field(default=0.01, metadata={"help": "Adam lr of the mask generator (paper: 0.01, betas 0.5/0.9)"})
     mask_epochs: int = field(default=2, metadata={
         "help": "epochs of mask pre-training (paper: 25 before 600 joint epochs; shortened for bcu's few-epoch "

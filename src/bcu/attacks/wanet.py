@@ -140,6 +140,7 @@ class WaNet(Attack):
         if train.labels is None:
             raise DataError("wanet: poisoning needs a labelled training set")
         check(self.config.poison_rate == 0 or int(optim.batch_size * self.config.poison_rate) >= 1,
-              f"wanet: poison_rate {self.config.poison_rate} leaves no backdoor sample in a batch of {optim.batch_size}")
+              f"wanet: poison_rate {self.config.poison_rate} leaves no backdoor sample in a batch of "
+              f"{optim.batch_size}")
         return fit(model, train, self.objective, optim, augment_cfg=augment_cfg, seed=seed, device=device,
                    resume_dir=resume_dir, desc=f"attack {self.name}", progress=progress)
