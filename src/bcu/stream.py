@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .data import ImageSet, _to_nchw_uint8, list_image_files, read_image
+from .data import IMAGE_EXTENSIONS, ImageSet, _to_nchw_uint8, read_image
 from .errors import DataError
 
 
@@ -88,10 +88,15 @@ class StreamingImages:
     def __init__(self, files: Optional[Sequence[Union[str, Path]]] = None, array: Optional[np.ndarray] = None, *,
                  labels: Optional[torch.Tensor] = None, classes: Optional[List[str]] = None,
                  name: str = "images", channels: Optional[int] = None, size: Optional[Tuple[int, int]] = None,
-                 workers: Optional[int] = None, prefetch: int = 2, index: Optional[torch.Tensor] = None) -> None:
+                 workers: Optional[int] = None, prefetch: int = 2, index: Optional[torch.Tensor] = None,
+                 root: Optional[Union[str, Path]] = None) -> None:
         if (files is None) == (array is None):
             raise DataError("StreamingImages needs either image files or an array")
-        self.files = [str(f) for f in files] if files is not None else None
+        # file names as one fixed-width bytes array (relative to ``root``): no Python object per image,
+        # so the list costs ~its characters and is not copied page by page into forked workers
+        self.root = os.fsencode(str(root)) if root is not None else b""
+        self.files = (files if isinstance(files, np.ndarray) else np.array([os.fsencode(str(f)) for f in files])
+                      ) if files is not None else None
         self.array = array
         total = len(self.files) if self.files is not None else int(array.shape[0])
         self.index = torch.arange(total) if index is None else torch.as_tensor(index, dtype=torch.long)
@@ -107,7 +112,7 @@ class StreamingImages:
         self.prefetch = int(prefetch)
         self.channels = channels
         if self.files is not None and channels is None:
-            self.channels = read_image(Path(self.files[int(self.index[0])])).shape[0]
+            self.channels = read_image(self._path(int(self.index[0]))).shape[0]
         first = self._read_raw(self.index[:1])
         self._shape = tuple(int(v) for v in first.shape[1:])
 
@@ -164,14 +169,17 @@ class StreamingImages:
 
     # ---- reading -------------------------------------------------------------------------------
 
+    def _path(self, row: int) -> Path:
+        return Path(os.fsdecode(os.path.join(self.root, self.files[row]) if self.root else self.files[row]))
+
     def _read_raw(self, rows: torch.Tensor) -> torch.Tensor:
         """Images at absolute rows of the underlying files/array, in the order given."""
         if self.files is not None:
             arrs = []
             for r in rows.tolist():
-                a = read_image(Path(self.files[r]), self.channels, self.size)
+                a = read_image(self._path(r), self.channels, self.size)
                 if arrs and a.shape != arrs[0].shape:
-                    raise DataError(f"{self.files[r]} is {a.shape[2]}x{a.shape[1]}x{a.shape[0]} but other images are "
+                    raise DataError(f"{self._path(r)} is {a.shape[2]}x{a.shape[1]}x{a.shape[0]} but other images are "
                                     f"{arrs[0].shape[2]}x{arrs[0].shape[1]}x{arrs[0].shape[0]}: all images must have "
                                     f"the same size (resize them first)")
                 arrs.append(a)
@@ -273,6 +281,33 @@ def _npz_stream(p: Path, split: str, labels: bool, **kw) -> Optional[StreamingIm
     return StreamingImages.from_array(arr, labels=y, name=f"{p.name}:{split}", **kw)
 
 
+def scan_image_folder(folder: Path) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+    """Like :func:`bcu.data.list_image_files` (same files, same order) but as compact arrays:
+    names relative to ``folder`` (bytes), labels (int32, -1 for loose files), class names."""
+    exts = set(IMAGE_EXTENSIONS)
+
+    def images_in(d: str) -> List[bytes]:
+        with os.scandir(d) as it:
+            return sorted(os.fsencode(e.name) for e in it
+                          if os.path.splitext(e.name)[1].lower() in exts and e.is_file())
+
+    root = str(folder)
+    with os.scandir(root) as it:
+        subdirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    names: List[np.ndarray] = []
+    labs: List[np.ndarray] = []
+    for i, sd in enumerate(subdirs):
+        got = images_in(os.path.join(root, sd))
+        prefix = os.fsencode(sd) + b"/"
+        names.append(np.array([prefix + g for g in got], dtype=bytes) if got else np.zeros(0, dtype="S1"))
+        labs.append(np.full(len(got), i, dtype=np.int32))
+    loose = images_in(root)
+    names.append(np.array(loose, dtype=bytes) if loose else np.zeros(0, dtype="S1"))
+    labs.append(np.full(len(loose), -1, dtype=np.int32))
+    width = max(a.dtype.itemsize for a in names)
+    return np.concatenate([a.astype(f"S{width}") for a in names]), np.concatenate(labs), subdirs
+
+
 def load_stream(spec: Union[str, Path], split: str = "train", labels: bool = True, channels: Optional[int] = None,
                 size: Optional[Tuple[int, int]] = None, workers: Optional[int] = None
                 ) -> Union[StreamingImages, ImageSet]:
@@ -299,22 +334,19 @@ def load_stream(spec: Union[str, Path], split: str = "train", labels: bool = Tru
         return got if got is not None else load_dataset(p, split, labels)
     if p.is_dir():
         folder = p / split if (p / split).is_dir() else p
-        is_folder = (any(f.is_file() and f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm",
-                                                               ".gif", ".tif", ".tiff", ".webp")
-                         for f in folder.iterdir())
-                     or any(d.is_dir() for d in folder.iterdir()))
+        is_folder = any((f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS) or f.is_dir() for f in folder.iterdir())
         special = any((p / f).exists() for f in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz",
                                                   "t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz",
                                                   "data_batch_1", "test_batch"))
         if is_folder and not special:
-            files, labs, classes = list_image_files(folder)
-            if not files:
+            names, labs, classes = scan_image_folder(folder)
+            if not len(names):
                 raise DataError(f"{folder} contains no image files")
             y = None
             if labels:
-                if any(l < 0 for l in labs):
+                if (labs < 0).any():
                     raise DataError(f"{folder}: labels need one sub-folder per class; found loose image files")
-                y = torch.tensor(labs, dtype=torch.int64)
-            return StreamingImages.from_files(files, labels=y, classes=(classes or None) if labels else None,
-                                              name=folder.name, channels=channels, size=size, **kw)
+                y = torch.from_numpy(labs.astype(np.int64))
+            return StreamingImages(files=names, root=folder, labels=y, classes=(classes or None) if labels else None,
+                                   name=folder.name, channels=channels, size=size, **kw)
     return load_dataset(spec, split, labels, channels=channels, size=size)
