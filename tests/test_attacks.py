@@ -354,3 +354,13 @@ def test_cli_attack_command(name, tmp_path):
     assert loaded.name == name
     x = batch((1, 28, 28))
     assert torch.equal(loaded.apply(x), load_attack(out).apply(x))
+
+
+def test_trigger_for_another_image_shape_is_a_clear_error():
+    from bcu.attacks import create_attack
+    from bcu.data import make_synthetic
+    from bcu.errors import DataError
+
+    attack = create_attack("badnets", {}, (1, 28, 28), 10)
+    with pytest.raises(DataError, match="trigger was made for 1x28x28"):
+        attack.triggered_test(make_synthetic(20, (3, 32, 32)))

@@ -266,10 +266,6 @@ def test_only_bcu_errors_are_documented():
 
 
 
-@pytest.mark.xfail(strict=True, raises=(SyntaxError, __import__("tokenize").TokenError), reason=(
-    "bcu.stream.load_stream (.npy) and _npz_stream catch only OSError/ValueError/...: a damaged .npy "
-    "header makes numpy raise SyntaxError/tokenize.TokenError, which escapes as a traceback "
-    "(bcu.data.load_npz had the same bug, fixed). Remove this mark once stream.py catches Exception there."))
 @FUZZ
 @given(st.sampled_from([(".npz", NPZ), (".npy", NPY)]).flatmap(
     lambda kb: edits.map(lambda e: (kb[0], mutate(kb[1], e)))))

@@ -273,7 +273,7 @@ def _npz_stream(p: Path, split: str, labels: bool, **kw) -> Optional[StreamingIm
         arr = npz_memmap(p, xk)
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    except Exception as e:  # any parse failure of a damaged member is "unreadable", never a traceback
         raise DataError(f"{p} is not a readable .npz file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
     if arr is None:
@@ -324,8 +324,8 @@ def load_stream(spec: Union[str, Path], split: str = "train", labels: bool = Tru
     if p.is_file() and p.suffix.lower() == ".npy":
         try:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{p} is not a readable .npy file: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # numpy's header parser raises SyntaxError, TokenError, ...: all "unreadable"
+            raise DataError(f"{p} is not a readable .npy file: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
         if labels:
             raise DataError(f"{p}: a .npy file holds no labels")
         return StreamingImages.from_array(arr, name=p.name, **kw)

@@ -97,10 +97,16 @@ class Attack(ABC):
             return torch.nonzero(train.labels == self.config.target).flatten()
         return torch.nonzero(self.test_mask(train.labels)).flatten()
 
+    def check_shape(self, data: ImageSet) -> None:
+        if tuple(data.shape) != self.image_shape:
+            raise DataError(f"{self.name}: images are {'x'.join(map(str, data.shape))} but the trigger was made "
+                            f"for {'x'.join(map(str, self.image_shape))}")
+
     def poison_indices(self, train: ImageSet) -> torch.Tensor:
         """Deterministic choice of ``poison_rate * len(train)`` eligible images."""
         if train.labels is None:
             raise DataError(f"{self.name}: poisoning needs a labelled training set")
+        self.check_shape(train)
         cand = self.candidate_indices(train)
         n = min(len(cand), int(round(self.config.poison_rate * len(train))))
         g = torch.Generator().manual_seed(self.config.seed + 1)
@@ -122,6 +128,7 @@ class Attack(ABC):
         """The ASR/RA test set: triggered non-target images with their *true* labels."""
         if test.labels is None:
             raise DataError("measuring ASR needs a labelled test set")
+        self.check_shape(test)
         keep = torch.nonzero(self.test_mask(test.labels)).flatten()
         images = torch.cat([quantize(self.apply(to_float(test.images[keep[s:s + 1024]])))
                             for s in range(0, len(keep), 1024)]) if len(keep) else test.images[:0]
