@@ -136,3 +136,12 @@ def test_unlabeled_sources(tmp_path):
     assert user.shape == (1, 8, 8) and len(user) == 50 and user.labels is None
     with pytest.raises(ConfigError):
         resolve("u", {"u": {"kind": "data"}})
+
+
+def test_defense_variants_resolve_to_registered_defenses():
+    from bcu.bench import registry_name
+    from bcu.defenses import DEFENSES, create_defense
+
+    assert registry_name("bcu@stop") == "bcu" and registry_name("ft") == "ft"
+    d = create_defense(registry_name("bcu@stop"), {"stop": {"rule": "plateau"}})
+    assert d.config.stop.rule == "plateau" and registry_name("bcu@stop") in DEFENSES

@@ -81,6 +81,11 @@ class BenchConfig:
             resolve_source(u, self.sources)
 
 
+def registry_name(defense: str) -> str:
+    """``bcu@stop`` names a variant of the registered defense ``bcu`` (its options under that key)."""
+    return defense.split("@", 1)[0]
+
+
 @dataclass(frozen=True)
 class Cell:
     attack: str
@@ -216,7 +221,7 @@ def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress
     t0 = time.time()
     model, attack, before = ensure_teacher(cfg, out, cell.attack, cell.seed, progress)
     _, _, test = _split_data(cfg, cell.seed)
-    cls = DEFENSES.get(cell.defense)
+    cls = DEFENSES.get(registry_name(cell.defense))
     row: Dict[str, Any] = {"attack": cell.attack, "defense": cell.defense, "unlabeled": cell.unlabeled,
                            "seed": cell.seed, "acc_before": before["acc"], "asr_before": before["asr"],
                            "acc": None, "asr": None, "ra": None, "der": None, "seconds": None,
@@ -229,7 +234,7 @@ def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress
             row["status"] = "skipped"
             row["reason"] = f"{cell.defense} needs labels; source {cell.unlabeled!r} has none"
     if row["status"] == "ok":
-        defense = create_defense(cell.defense, cfg.defense_options.get(cell.defense, {}))
+        defense = create_defense(registry_name(cell.defense), cfg.defense_options.get(cell.defense, {}))
         torch.manual_seed(cell.seed)
         t1 = time.time()
         result = run_defense(defense, model, data, device=cfg.device, seed=cell.seed, progress=progress)
@@ -274,12 +279,12 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = grid(cfg, attacks, defenses, seeds, unlabeled)
     missing_attacks = sorted({c.attack for c in cells if c.attack not in ATTACKS})
-    missing_defenses = sorted({c.defense for c in cells if c.defense not in DEFENSES})
+    missing_defenses = sorted({c.defense for c in cells if registry_name(c.defense) not in DEFENSES})
     for m in missing_attacks:
         log(f"bench: attack {m!r} is not registered (yet): its cells are not run")
     for m in missing_defenses:
         log(f"bench: defense {m!r} is not registered: its cells are not run")
-    runnable = [c for c in cells if c.attack in ATTACKS and c.defense in DEFENSES]
+    runnable = [c for c in cells if c.attack in ATTACKS and registry_name(c.defense) in DEFENSES]
     todo = [c for c in runnable if not (out / "cells" / f"{c.key}.json").is_file()]
     cached = len(runnable) - len(todo)
     log(f"bench {cfg.name}: {len(cells)} cells, {cached} finished before, {len(todo)} to run, "
@@ -316,7 +321,7 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
                 log(f"  [{computed}/{len(todo)}] {futs[f].key} done")
     full = grid(cfg)  # the report covers the whole grid, whatever subset this call ran
     missing = sorted({c.attack for c in full if c.attack not in ATTACKS}) + \
-        sorted({c.defense for c in full if c.defense not in DEFENSES})
+        sorted({c.defense for c in full if registry_name(c.defense) not in DEFENSES})
     rows = collect(out, full)
     write_outputs(out, cfg, rows, full, missing)
     return {"cells": len(cells), "computed": computed, "cached": cached, "rows": len(rows),
