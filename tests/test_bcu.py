@@ -61,7 +61,7 @@ def test_cleanse_accepts_a_dataset_that_yields_images_only():
 def test_distillation_objective_refuses_labels_and_matches_kl():
     t = create_model("cnn-small").eval()
     s = create_model("cnn-small")
-    obj = DistillObjective(t, DistillConfig())
+    obj = DistillObjective(t, DistillConfig(t_squared=False, mixup_alpha=0.0))
     x = torch.rand(8, 1, 28, 28)
     step = Step(epoch=1, epochs=4, generator=torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError):
@@ -71,6 +71,8 @@ def test_distillation_objective_refuses_labels_and_matches_kl():
     p_t = F.softmax(t(x) / T, 1)
     want = (p_t * (p_t.log() - F.log_softmax(s(x) / T, 1))).sum(1).mean()
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-4) and metrics["T"] == T
+    scaled, _ = DistillObjective(t, DistillConfig(t_squared=True, mixup_alpha=0.0))(s, x, None, step)
+    assert float(scaled.detach()) == pytest.approx(T * T * float(want.detach()), rel=1e-4)
 
 
 def test_distillation_makes_student_agree_with_teacher():

@@ -22,7 +22,7 @@ def _paper_stage_of(name: str) -> str:
 @pytest.mark.parametrize("arch", ["resnet18", "preact-resnet18"])
 def test_resnet18_mapping_equals_the_paper(arch):
     m = create_model(arch, 10, (3, 32, 32), width=0.125)
-    layers = plan(m, (3, 32, 32), ReinitConfig())
+    layers = plan(m, (3, 32, 32), ReinitConfig(scale=1.0, max_ratio=1.0))  # the paper preset
     convs_and_fc = [n for n, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
     assert sorted(l.name for l in layers) == sorted(convs_and_fc)
     for l in layers:

@@ -34,14 +34,16 @@ def is_norm(module: nn.Module) -> bool:
 
 @dataclass
 class ReinitConfig:
-    """Re-initialisation ratios by depth (defaults: the paper's, for ResNet-18)."""
+    """Re-initialisation ratios by depth: the paper's vector (for ResNet-18's stem/layer1-4/fc),
+    multiplied by ``scale`` (bcu's default 4, from docs/method.md; the paper preset uses 1)."""
 
     stem: float = field(default=0.01, metadata={"help": "ratio for the first weight layer"})
     stages: Tuple[float, ...] = field(default=(0.01, 0.03, 0.09, 0.27), metadata={
         "help": "ratios of the first..last body stage, interpolated geometrically to the model's stage count"})
     head: float = field(default=0.10, metadata={"help": "ratio for the classifier (last weight layer)"})
-    scale: float = field(default=1.0, metadata={"help": "multiply every ratio by this (capped at max_ratio)"})
-    max_ratio: float = field(default=1.0, metadata={"help": "upper bound of any ratio after scaling"})
+    scale: float = field(default=4.0, metadata={
+        "help": "multiply every ratio by this, capped at max_ratio (bcu default 4; paper 1)"})
+    max_ratio: float = field(default=0.9, metadata={"help": "upper bound of any ratio after scaling (bcu 0.9; paper 1)"})
     overrides: Dict[str, float] = field(default_factory=dict, metadata={
         "help": "layer-name glob -> ratio, applied last (e.g. {'classifier.*': 1.0})"})
     include_bias: bool = field(default=True, metadata={"help": "re-initialise biases too (paper: yes)"})
