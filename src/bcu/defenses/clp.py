@@ -26,7 +26,7 @@ from ..config import check, to_dict
 from ..errors import ModelError
 from .base import DEFENSES, Defense, DefenseResult
 from .ft import input_shape_of
-from .reinit import is_norm
+from .reinit import dry_run, is_norm
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -72,21 +72,7 @@ def pair_conv_norm(model: nn.Module, input_shape: Sequence[int]) -> List[ConvPai
             hooks.append(mod.register_forward_hook(conv_hook(name)))
         elif is_norm(mod):
             hooks.append(mod.register_forward_pre_hook(norm_pre_hook(name)))
-    was_training = model.training
-    try:
-        model.eval()
-        p = next(model.parameters())
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape, device=p.device, dtype=p.dtype))
-    except StopIteration:
-        raise ModelError("the model has no parameters") from None
-    except Exception as e:
-        raise ModelError(f"cannot run the model on inputs of shape {tuple(input_shape)}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    dry_run(model, input_shape, hooks)
     return sorted(pairs.values(), key=lambda c: c.order)
 
 

@@ -108,20 +108,27 @@ def trace_layers(model: nn.Module, input_shape: Sequence[int]) -> List[LayerInfo
 
     for name, mod in layers.items():
         hooks.append(mod.register_forward_hook(make_hook(name, mod)))
+    dry_run(model, input_shape, hooks)
+    return sorted(seen.values(), key=lambda l: l.order)
+
+
+def dry_run(model: nn.Module, input_shape: Sequence[int], handles: List[Any]) -> None:
+    """One eval-mode forward pass on zeros (for hooks to observe), then remove ``handles``."""
     was_training = model.training
     try:
         model.eval()
         p = next(model.parameters())
         with torch.no_grad():
             model(torch.zeros(2, *input_shape, device=p.device, dtype=p.dtype))
+    except StopIteration:
+        raise ModelError("the model has no parameters") from None
     except Exception as e:
         raise ModelError(f"cannot run the model on inputs of shape {tuple(input_shape)}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
         model.train(was_training)
-    return sorted(seen.values(), key=lambda l: l.order)
 
 
 def interpolate_ratios(ratios: Sequence[float], n: int) -> List[float]:
