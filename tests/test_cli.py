@@ -101,3 +101,10 @@ def test_demo_reads_real_fashion_mnist(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["data"] == "fashion-mnist" and m["config"]["unlabeled_images"] == 5000
     assert m["teacher"]["acc"] > 50  # a real task was learned from real images
+
+
+def test_cleanse_max_images_uses_a_subset(attacked, tmp_path):
+    out = tmp_path / "few"
+    assert main(["cleanse", "--model", str(attacked), "--data", str(attacked / "unlabeled.npz"), "--out", str(out),
+                 "--epochs", "1", "--batch-size", "64", "--max-images", "150", *T]) == 0
+    assert json.loads((out / "report.json").read_text())["input"]["images"] == 150

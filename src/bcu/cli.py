@@ -189,6 +189,12 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
         data = load_stream(args.data, split=args.split, labels=False)
     else:
         data = load_dataset(args.data, split=args.split, labels=False, progress=args.progress)
+    if args.max_images is not None:
+        if args.max_images < 1:
+            raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
+        from .data import take
+
+        data = take(data, args.max_images, seed=cfg.seed)  # ImageSet or stream: both have subset()
     _check_images(model, data, args.data)
     from . import dist
 
@@ -491,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int)
     c.add_argument("--test-data", help="optional labelled test set, to put ACC/ASR in the report (never used to train)")
     c.add_argument("--attack", help="optional attack artifact or name, for ASR in the report")
+    c.add_argument("--max-images", type=int, help="use a deterministic random subset of this many images")
     c.add_argument("--stream", action="store_true", help="read --data from disk batch by batch (image folders, "
                    ".npy, uncompressed .npz) instead of loading it all into memory")
     add_model_options(c)
