@@ -52,15 +52,26 @@ VARIANTS = {
     "x3-t2": ("paper", {"reinit": {"scale": 3.0, "max_ratio": 0.9}, "distill": {"t_squared": True}}),
     "x4-t2-mix": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "distill": {"t_squared": True,
                                                                                    "mixup_alpha": 1.0}}),
+    "x8-t2-mix": ("paper", {"reinit": {"scale": 8.0, "max_ratio": 0.9}, "distill": {"t_squared": True,
+                                                                                   "mixup_alpha": 1.0}}),
+    "all90-t2-mix": ("paper", {"reinit": {"stem": 0.9, "stages": [0.9], "head": 0.9, "max_ratio": 0.9},
+                               "distill": {"t_squared": True, "mixup_alpha": 1.0}}),
+    "x4-T1-mix": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9},
+                            "distill": {"t_start": 1.0, "t_end": 1.0, "mixup_alpha": 1.0}}),
+    "x4-T1-mix-lr05": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "optim": {"lr": 0.05},
+                                 "distill": {"t_start": 1.0, "t_end": 1.0, "mixup_alpha": 1.0}}),
+    "x8-t2": ("paper", {"reinit": {"scale": 8.0, "max_ratio": 0.9}, "distill": {"t_squared": True}}),
+    "all90-t2": ("paper", {"reinit": {"stem": 0.9, "stages": [0.9], "head": 0.9, "max_ratio": 0.9},
+                           "distill": {"t_squared": True}}),
 }
 
 
-def teacher(out: Path, arch: str, epochs: int, n_train: int, seed: int):
+def teacher(out: Path, arch: str, epochs: int, n_train: int, seed: int, attack_name: str = "badnets"):
     train_all = load_dataset("fashion-mnist", "train")
     test = load_dataset("fashion-mnist", "test")
     rest, unlabeled = split(train_all, 5000, seed=seed)
     rest = take(rest, n_train, seed=seed)
-    attack = create_attack("badnets", {"target": 0, "poison_rate": 0.1, "seed": seed}, train_all.shape, 10)
+    attack = create_attack(attack_name, {"target": 0, "poison_rate": 0.1, "seed": seed}, train_all.shape, 10)
     if (out / "model.safetensors").exists():
         model, _ = load_model(out)
     else:
@@ -79,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--arch", default="cnn-small")
+    ap.add_argument("--attack", default="badnets", help="attack of the teacher (default settings, target 0, 10%%)")
     ap.add_argument("--teacher-epochs", type=int, default=5)
     ap.add_argument("--n-train", type=int, default=55000)
     ap.add_argument("--epochs", type=int, default=E)
@@ -89,8 +101,10 @@ def main() -> None:
     args = ap.parse_args()
     from bcu.config import parse_overrides
 
-    wd = Path(args.workdir) / f"{args.arch}-s{args.seed}-e{args.teacher_epochs}-n{args.n_train}"
-    model, unlabeled, test, attack = teacher(wd, args.arch, args.teacher_epochs, args.n_train, args.seed)
+    tag = "" if args.attack == "badnets" else f"-{args.attack}"
+    wd = Path(args.workdir) / f"{args.arch}-s{args.seed}-e{args.teacher_epochs}-n{args.n_train}{tag}"
+    model, unlabeled, test, attack = teacher(wd, args.arch, args.teacher_epochs, args.n_train, args.seed,
+                                             args.attack)
     trig = attack.triggered_test(test)
     before = attack_scores(model, test, attack, triggered=trig)
     rows = []
@@ -102,7 +116,7 @@ def main() -> None:
         t0 = time.time()
         res = Cleanser(cfg).run(model, unlabeled, progress=False)
         after = attack_scores(res.model, test, attack, triggered=trig)
-        row = {"variant": name, "overrides": over, "arch": args.arch, "seed": args.seed,
+        row = {"variant": name, "attack": args.attack, "overrides": over, "arch": args.arch, "seed": args.seed,
                "teacher": before.as_dict(), "acc": after.acc, "asr": after.asr, "ra": after.ra,
                "seconds": time.time() - t0,
                "final_agree": res.history[-1].get("monitor_agree") if res.history else None}

@@ -113,5 +113,5 @@ def test_cleanse_config_validation():
 def test_default_preset_is_the_measured_one():
     c = preset("default")
     assert c.reinit.scale == 4.0 and c.reinit.max_ratio == 0.9
-    assert c.distill.t_squared and c.distill.mixup_alpha == 1.0
+    assert c.distill.t_squared and c.distill.mixup_alpha == 0.0
     assert (c.optim.epochs, c.optim.lr, c.optim.batch_size) == (100, 0.01, 256)
