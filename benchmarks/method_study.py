@@ -63,6 +63,10 @@ VARIANTS = {
     "x8-t2": ("paper", {"reinit": {"scale": 8.0, "max_ratio": 0.9}, "distill": {"t_squared": True}}),
     "all90-t2": ("paper", {"reinit": {"stem": 0.9, "stages": [0.9], "head": 0.9, "max_ratio": 0.9},
                            "distill": {"t_squared": True}}),
+    "x4-T1-lr05": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9}, "optim": {"lr": 0.05},
+                             "distill": {"t_start": 1.0, "t_end": 1.0}}),
+    "x4-t2-tend2": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9},
+                              "distill": {"t_squared": True, "t_end": 2.0}}),
 }
 
 
