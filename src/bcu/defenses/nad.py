@@ -31,6 +31,7 @@ from ..errors import ModelError
 from ..train import OptimConfig, Step, fit
 from .base import DEFENSES, Defense, DefenseResult
 from .ft import finetune, frozen_copy, input_shape_of, require_labels
+from .reinit import dry_run
 
 
 @dataclass
@@ -89,16 +90,7 @@ def stage_outputs(model: nn.Module, input_shape: Sequence[int]) -> List[Tuple[st
     for name, mod in model.named_modules():
         if name:
             hooks.append(mod.register_forward_hook(make(name)))
-    was = model.training
-    try:
-        model.eval()
-        p = next(model.parameters())
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape, device=p.device, dtype=p.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    dry_run(model, input_shape, hooks)
     stages: Dict[Tuple[int, int], Tuple[str, int, Tuple[int, ...]]] = {}
     order: List[Tuple[int, int]] = []
     for name, i, shape in events:
