@@ -19,3 +19,22 @@ def synth():
     from bcu.data import make_synthetic
 
     return make_synthetic(1200, (1, 28, 28), 10, seed=0), make_synthetic(400, (1, 28, 28), 10, seed=1)
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A small untrained grayscale classifier (fixed seed)."""
+    from bcu.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("cnn-small", 10, (1, 28, 28), mean=(0.5,), std=(0.25,))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, net):
+    """``net`` saved as a bcu model folder (safetensors + sidecar)."""
+    from bcu.checkpoint import save_model
+
+    d = tmp_path_factory.mktemp("model")
+    save_model(net, d)
+    return d

@@ -58,19 +58,6 @@ def no_output(out: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    return create_model("cnn-small", 10, (1, 28, 28), mean=(0.5,), std=(0.25,))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, net):
-    d = tmp_path_factory.mktemp("model")
-    save_model(net, d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def rgb_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("rgb")

@@ -43,19 +43,6 @@ def one_error_line(err: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    return create_model("cnn-small", 10, (1, 28, 28), mean=(0.5,), std=(0.25,))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, net):
-    d = tmp_path_factory.mktemp("model")
-    save_model(net, d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def npz(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     x = make_synthetic(64, (1, 28, 28), 10, seed=3).images.numpy()

@@ -232,14 +232,18 @@ def spec_from_sidecar(data: Mapping[str, Any], where: str = "sidecar") -> ModelS
         raise ModelError(f"{where}: {e}") from None
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+    data = _read_bytes(path)
     try:
         state = load(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
@@ -251,10 +255,7 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
 def _read_torch(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
     import pickle
 
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+    data = _read_bytes(path)
     import io
 
     import warnings

@@ -28,6 +28,15 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
+def count_classes(classes: Optional[List[str]], labels: Optional[torch.Tensor]) -> Optional[int]:
+    """Number of classes from the class names, else from the largest label, else None."""
+    if classes:
+        return len(classes)
+    if labels is not None and len(labels):
+        return int(labels.max()) + 1
+    return None
+
+
 @dataclass
 class ImageSet:
     """A set of images as one uint8 tensor (N, C, H, W), with optional int64 labels."""
@@ -56,11 +65,7 @@ class ImageSet:
 
     @property
     def num_classes(self) -> Optional[int]:
-        if self.classes:
-            return len(self.classes)
-        if self.labels is not None and len(self.labels):
-            return int(self.labels.max()) + 1
-        return None
+        return count_classes(self.classes, self.labels)
 
     def subset(self, index: Union[torch.Tensor, Sequence[int]], name: Optional[str] = None) -> "ImageSet":
         index = torch.as_tensor(index, dtype=torch.long)

@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .data import IMAGE_EXTENSIONS, ImageSet, _to_nchw_uint8, read_image
+from .data import IMAGE_EXTENSIONS, ImageSet, _to_nchw_uint8, count_classes, read_image
 from .errors import DataError
 
 
@@ -148,11 +148,7 @@ class StreamingImages:
 
     @property
     def num_classes(self) -> Optional[int]:
-        if self.classes:
-            return len(self.classes)
-        if self.labels is not None and len(self.labels):
-            return int(self.labels.max()) + 1
-        return None
+        return count_classes(self.classes, self.labels)
 
     def subset(self, index: Union[torch.Tensor, Sequence[int]], name: Optional[str] = None) -> "StreamingImages":
         index = torch.as_tensor(index, dtype=torch.long)
