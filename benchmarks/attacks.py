@@ -2,8 +2,9 @@
 
 The recipe is the demo's (``bcu demo`` / ``bcu attack``): hold out 5,000 training images with
 ``bcu.data.split(train, 5000, seed)``, train on the rest with ``OptimConfig(epochs=5,
-batch_size=128, lr=0.05)`` and ``AugmentConfig()`` (crop + flip), target class 0, poison rate
-0.1, attack options at their defaults unless ``--set`` says otherwise. A clean model is trained
+batch_size=128, lr=0.05)`` and ``AugmentConfig()`` (crop + flip), target class 0, every attack's
+own default poison rate (0.1; 0.05 for the clean-label SIG and LC, half of the target class) and
+options at their defaults unless ``--poison-rate`` or ``--set`` say otherwise. A clean model is trained
 the same way for each seed. Prints one JSON object per (attack, seed) and merges the rows into
 ``--out`` (a row with the same attack, seed and command is replaced)::
 
@@ -46,7 +47,7 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--attacks", default=",".join(ATTACKS.names()))
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--poison-rate", type=float, default=0.1)
+    p.add_argument("--poison-rate", type=float, default=None, help="every attack's rate (default: its own)")
     p.add_argument("--set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                    help="an attack option, e.g. --set inputaware.mask_epochs=2")
     p.add_argument("--threads", type=int, default=2)
@@ -74,7 +75,9 @@ def main(argv: List[str] | None = None) -> int:
         print(json.dumps({"clean_model": True, "seed": seed, "acc": clean_acc, "seconds": time.time() - t0}),
               flush=True)
         for name in names:
-            opts = {"target": 0, "poison_rate": args.poison_rate, "seed": seed, **overrides.get(name, {})}
+            opts = {"target": 0, "seed": seed, **overrides.get(name, {})}
+            if args.poison_rate is not None:
+                opts.setdefault("poison_rate", args.poison_rate)
             attack = create_attack(name, opts, rest.shape, rest.num_classes or 10)
             model = new_model(rest, seed)
             t0 = time.time()
@@ -83,10 +86,11 @@ def main(argv: List[str] | None = None) -> int:
             s = attack_scores(model, test, attack)
             sets = [f"--set {shlex.quote(f'{name}.{k}={v}')}" for k, v in overrides.get(name, {}).items()]
             cmd = ("flock /tmp/bcu-heavy.lock env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/attacks.py "
-                   f"--attacks {name} --seeds {seed} --epochs {args.epochs} --poison-rate {args.poison_rate} "
+                   f"--attacks {name} --seeds {seed} --epochs {args.epochs} "
+                   + (f"--poison-rate {args.poison_rate} " if args.poison_rate is not None else "")
                    + " ".join(sets)).strip()
             row = {"attack": name, "clean_acc": round(clean_acc, 2), "acc": round(s.acc, 2), "asr": round(s.asr, 2),
-                   "ra": round(s.ra, 2), "poison_rate": args.poison_rate, "seconds": round(seconds, 1), "seed": seed,
+                   "ra": round(s.ra, 2), "poison_rate": attack.config.poison_rate, "seconds": round(seconds, 1), "seed": seed,
                    "kind": attack.kind, "epochs": args.epochs, "config": to_dict(attack.config), "command": cmd}
             if attack.kind == "clean-label":
                 row["poisoned_images"] = int(len(attack.poison_indices(rest)))

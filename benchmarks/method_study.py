@@ -67,6 +67,11 @@ VARIANTS = {
                              "distill": {"t_start": 1.0, "t_end": 1.0}}),
     "x4-t2-tend2": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9},
                               "distill": {"t_squared": True, "t_end": 2.0}}),
+    "default": ("default", {}),
+    "x4-t2-noise10": ("default", {"distill": {"noise_blend": 0.1}}),
+    "x4-t2-noise20": ("default", {"distill": {"noise_blend": 0.2}}),
+    "x4-t2-noise30": ("default", {"distill": {"noise_blend": 0.3}}),
+    "x4-t2-noise50": ("default", {"distill": {"noise_blend": 0.5}}),
 }
 
 
@@ -75,7 +80,7 @@ def teacher(out: Path, arch: str, epochs: int, n_train: int, seed: int, attack_n
     test = load_dataset("fashion-mnist", "test")
     rest, unlabeled = split(train_all, 5000, seed=seed)
     rest = take(rest, n_train, seed=seed)
-    attack = create_attack(attack_name, {"target": 0, "poison_rate": 0.1, "seed": seed}, train_all.shape, 10)
+    attack = create_attack(attack_name, {"target": 0, "seed": seed}, train_all.shape, 10)  # its default rate
     if (out / "model.safetensors").exists():
         model, _ = load_model(out)
     else:
@@ -94,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--arch", default="cnn-small")
-    ap.add_argument("--attack", default="badnets", help="attack of the teacher (default settings, target 0, 10%%)")
+    ap.add_argument("--attack", default="badnets", help="attack of the teacher (its default settings, target 0)")
     ap.add_argument("--teacher-epochs", type=int, default=5)
     ap.add_argument("--n-train", type=int, default=55000)
     ap.add_argument("--epochs", type=int, default=E)

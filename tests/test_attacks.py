@@ -149,7 +149,7 @@ def test_blended_formula():
 
 
 def test_sig_sinusoid_values():
-    a = make("sig", (3, 32, 32), delta=20, frequency=6)
+    a = make("sig", (3, 32, 32), delta=20, frequency=6, test_delta=None)
     y = a.apply(torch.full((1, 3, 32, 32), 0.5))[0]
     j = torch.arange(32, dtype=torch.float64)
     row = 0.5 + 20 / 255 * torch.sin(2 * math.pi * j * 6 / 32)
@@ -338,7 +338,7 @@ def test_cli_lists_new_attacks(capsys):
     out = capsys.readouterr().out
     for name in ALL:
         assert f"{name} [" in out
-    for opt in ("delta = 20.0", "epsilon = 8.0", "k = 4", "s = 0.5", "cross_ratio = 2.0", "mask_density = 0.032"):
+    for opt in ("delta = 40.0", "test_delta = 60.0", "epsilon = 16.0", "poison_rate = 0.05", "k = 4", "s = 0.5", "cross_ratio = 2.0", "mask_density = 0.032"):
         assert opt in out
 
 

@@ -97,7 +97,7 @@ def test_paper_preset_is_the_authors_settings():
         0.01, 0.9, 5e-4, 256, 100)
     assert c.optim.schedule == "cosine" and c.augment.crop_pad == 4 and c.augment.hflip
     assert [c.distill.temperature(e, 100) for e in (0, 49, 99)] == [1.03, 2.5, 4.0]
-    assert c.distill.mixup_alpha == 0 and not c.distill.t_squared and c.stop.rule == "none"
+    assert c.distill.mixup_alpha == 0 and c.distill.noise_blend == 0 and not c.distill.t_squared and c.stop.rule == "none"
 
 
 def test_cleanse_config_validation():
@@ -113,5 +113,5 @@ def test_cleanse_config_validation():
 def test_default_preset_is_the_measured_one():
     c = preset("default")
     assert c.reinit.scale == 4.0 and c.reinit.max_ratio == 0.9
-    assert c.distill.t_squared and c.distill.mixup_alpha == 0.0
+    assert c.distill.t_squared and c.distill.mixup_alpha == 0.0 and c.distill.noise_blend == 0.2
     assert (c.optim.epochs, c.optim.lr, c.optim.batch_size) == (100, 0.01, 256)

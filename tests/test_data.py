@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bcu.data import (AugmentConfig, ImageSet, augment, batches, load_dataset, make_synthetic, mixup,
+from bcu.data import (AugmentConfig, ImageSet, augment, batches, load_dataset, make_synthetic, mixup, noise_blend,
                       random_crop, random_hflip, read_idx, split, take)
 from bcu.errors import DataError
 
@@ -170,6 +170,21 @@ def test_crop_flip_mixup_contracts():
     a1 = augment(x, AugmentConfig(4, True), torch.Generator().manual_seed(9))
     a2 = augment(x, AugmentConfig(4, True), torch.Generator().manual_seed(9))
     assert torch.equal(a1, a2)
+
+
+def test_noise_blend_contract():
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert noise_blend(x, 0.0) is x
+    a = noise_blend(x, 0.2, torch.Generator().manual_seed(3))
+    b = noise_blend(x, 0.2, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape and a.dtype == x.dtype
+    assert a.min() >= 0 and a.max() <= 1  # a convex blend of two [0, 1] images
+    moved = (a - x).abs().flatten(1).amax(1)
+    assert float(moved.max()) <= 0.2 + 1e-6 and float(moved.min()) > 0  # every image moved, none by > a_max
+    # the weight is drawn per image: the images are not all moved alike
+    assert float(moved.std()) > 0.01
+    big = noise_blend(torch.zeros(4, 1, 4, 4), 1.0, torch.Generator().manual_seed(0))
+    assert float(big.max()) > 0.05
 
 
 def test_batches_without_labels_never_reads_them():

@@ -494,6 +494,16 @@ def mixup(x: torch.Tensor, alpha: float, generator: Optional[torch.Generator] = 
     return lam * x + (1 - lam) * x[perm]
 
 
+def noise_blend(x: torch.Tensor, max_weight: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``x + a (u - x)``: each image blended with its own uniform-noise image, ``a ~ U(0, max_weight)``."""
+    if max_weight <= 0:
+        return x
+    n = x.shape[0]
+    a = torch.rand(n, generator=generator).to(x.device, x.dtype).mul_(max_weight).view(n, 1, 1, 1)
+    u = torch.rand(x.shape, generator=generator).to(x.device, x.dtype)
+    return x + a * (u - x)
+
+
 @dataclass
 class AugmentConfig:
     """Batch augmentation used while training or distilling (paper: crop pad 4 + flip)."""

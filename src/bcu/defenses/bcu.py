@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import check, deep_merge, from_dict, to_dict
-from ..data import AugmentConfig, ImageSet, mixup, to_float
+from ..data import AugmentConfig, ImageSet, mixup, noise_blend, to_float
 from ..errors import ConfigError, DataError
 from ..train import OptimConfig, Step, fit, memory_format_for, predict
 from .base import DEFENSES, Defense, DefenseResult
@@ -38,9 +38,15 @@ class DistillConfig:
     mixup_alpha: float = field(default=0.0, metadata={
         "help": "mix each batch with itself, Beta(alpha, alpha) weights (function matching; 0 = off, paper: 0)"})
 
+    noise_blend: float = field(default=0.2, metadata={
+        "help": "largest weight a of a random-noise image blended into the student's view, x + a (u - x) with "
+                "u ~ U(0, 1) per pixel and a ~ U(0, noise_blend) per image; the teacher sees the clean view, "
+                "so the student learns to ignore additive patterns (0 = off, paper: 0; bcu: 0.2, docs/method.md)"})
+
     def __post_init__(self) -> None:
         check(self.t_start > 0 and self.t_end > 0, "temperatures must be > 0")
         check(self.mixup_alpha >= 0, f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
+        check(0 <= self.noise_blend <= 1, f"noise_blend must be in [0, 1], got {self.noise_blend}")
 
     def temperature(self, epoch: int, epochs: int) -> float:
         return self.t_start + (self.t_end - self.t_start) * (epoch + 1) / epochs
@@ -78,7 +84,7 @@ class CleanseConfig:
 # The authors' settings, verbatim.
 PAPER: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 1.0, "max_ratio": 1.0},
-    "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": False, "mixup_alpha": 0.0},
+    "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": False, "mixup_alpha": 0.0, "noise_blend": 0.0},
     "optim": {"epochs": 100, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
               "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
@@ -118,6 +124,8 @@ class DistillObjective:
         with torch.inference_mode():
             t_logits = self.teacher(x).float()
         t_logits = t_logits.clone()  # an ordinary tensor again: autograd may save it for the backward pass
+        if self.cfg.noise_blend > 0:
+            x = noise_blend(x, self.cfg.noise_blend, step.generator)
         s_logits = student(x).float()
         loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean",
                         log_target=True)
