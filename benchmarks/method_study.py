@@ -68,6 +68,7 @@ VARIANTS = {
     "x4-t2-tend2": ("paper", {"reinit": {"scale": 4.0, "max_ratio": 0.9},
                               "distill": {"t_squared": True, "t_end": 2.0}}),
     "default": ("default", {}),
+    "no-noise": ("default", {"distill": {"noise_blend": 0.0}}),
     "x4-t2-noise10": ("default", {"distill": {"noise_blend": 0.1}}),
     "x4-t2-noise20": ("default", {"distill": {"noise_blend": 0.2}}),
     "x4-t2-noise30": ("default", {"distill": {"noise_blend": 0.3}}),
@@ -75,12 +76,14 @@ VARIANTS = {
 }
 
 
-def teacher(out: Path, arch: str, epochs: int, n_train: int, seed: int, attack_name: str = "badnets"):
+def teacher(out: Path, arch: str, epochs: int, n_train: int, seed: int, attack_name: str = "badnets",
+            attack_options: dict | None = None):
     train_all = load_dataset("fashion-mnist", "train")
     test = load_dataset("fashion-mnist", "test")
     rest, unlabeled = split(train_all, 5000, seed=seed)
     rest = take(rest, n_train, seed=seed)
-    attack = create_attack(attack_name, {"target": 0, "seed": seed}, train_all.shape, 10)  # its default rate
+    attack = create_attack(attack_name, {"target": 0, "seed": seed, **(attack_options or {})}, train_all.shape,
+                           10)  # its default rate unless attack_options say otherwise
     if (out / "model.safetensors").exists():
         model, _ = load_model(out)
     else:
@@ -106,14 +109,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default="runs/method-study")
     ap.add_argument("--set", action="append", default=[], help="extra overrides key=value for every variant")
+    ap.add_argument("--attack-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the teacher's attack, e.g. pattern_image=benchmarks/assets/cat.png")
     ap.add_argument("--out", default=None, help="append results to this JSON list")
     args = ap.parse_args()
     from bcu.config import parse_overrides
 
     tag = "" if args.attack == "badnets" else f"-{args.attack}"
+    import yaml
+
+    attack_options = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.attack_set)}
+    if attack_options:
+        import hashlib
+
+        tag += "-" + hashlib.sha256(json.dumps(attack_options, sort_keys=True).encode()).hexdigest()[:8]
     wd = Path(args.workdir) / f"{args.arch}-s{args.seed}-e{args.teacher_epochs}-n{args.n_train}{tag}"
     model, unlabeled, test, attack = teacher(wd, args.arch, args.teacher_epochs, args.n_train, args.seed,
-                                             args.attack)
+                                             args.attack, attack_options)
     trig = attack.triggered_test(test)
     before = attack_scores(model, test, attack, triggered=trig)
     rows = []
@@ -125,7 +137,7 @@ def main() -> None:
         t0 = time.time()
         res = Cleanser(cfg).run(model, unlabeled, progress=False)
         after = attack_scores(res.model, test, attack, triggered=trig)
-        row = {"variant": name, "attack": args.attack, "overrides": over, "arch": args.arch, "seed": args.seed,
+        row = {"variant": name, "attack": args.attack, "attack_options": attack_options, "overrides": over, "arch": args.arch, "seed": args.seed,
                "teacher": before.as_dict(), "acc": after.acc, "asr": after.asr, "ra": after.ra,
                "seconds": time.time() - t0,
                "final_agree": res.history[-1].get("monitor_agree") if res.history else None}

@@ -28,9 +28,10 @@ from .reinit import ReinitConfig, reinitialize
 
 @dataclass
 class DistillConfig:
-    """Distillation loss: KL on softmax(logits / T), T = 1 + 3 (e + 1) / E (paper); bcu's default adds
-    the T^2 factor (the paper preset turns it off). Mixup is available but off: it carries blended
-    and warping backdoors into the student (docs/method.md)."""
+    """Distillation loss: KL on softmax(logits / T), T = 1 + 3 (e + 1) / E (paper). bcu's default adds
+    the T^2 factor and shows the student a noise-blended view of what the teacher sees (the paper
+    preset turns both off). Mixup is available but off: it carries blended and warping backdoors into
+    the student (docs/method.md)."""
 
     t_start: float = field(default=1.0, metadata={"help": "temperature before the first epoch"})
     t_end: float = field(default=4.0, metadata={"help": "temperature at the last epoch"})
@@ -94,8 +95,10 @@ PAPER: Dict[str, Any] = {
 # bcu's defaults are the dataclass defaults, chosen from the measurements in docs/method.md: on
 # small networks the paper's ratios leave the backdoor in place, so every ratio is scaled by 4 (the
 # deepest stage capped at 0.9), and the KL is scaled by T^2 so the student keeps learning as the
-# temperature rises. Mixup of the unlabeled images (function matching) was measured and left off:
-# it lowers BadNets' ASR a little but carries Blended and WaNet backdoors into the student.
+# temperature rises. The student sees each image blended with random noise (up to 0.2) and must
+# answer as the teacher does on the clean image: this removes the Blended and SIG backdoors that
+# the student otherwise re-learns from the teacher. Mixup of the unlabeled images (function
+# matching) was measured and left off: it carries Blended and WaNet backdoors into the student.
 DEFAULT: Dict[str, Any] = {}
 
 PRESETS: Dict[str, Dict[str, Any]] = {"paper": PAPER, "default": DEFAULT}
@@ -109,7 +112,8 @@ def preset(name: str = "default", overrides: Optional[Dict[str, Any]] = None) ->
 
 
 class DistillObjective:
-    """KL(teacher || student) on the same (augmented, optionally mixed) view for both."""
+    """KL(teacher || student): both see the same (augmented, optionally mixed) view; with
+    ``noise_blend`` the student's copy is then blended with random noise, the teacher's is not."""
 
     def __init__(self, teacher: nn.Module, cfg: DistillConfig) -> None:
         self.teacher = teacher
