@@ -106,10 +106,11 @@ def main(argv: List[str] | None = None) -> int:
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
-    lines = ["| attack | seed | clean ACC | ACC | ASR | RA | poison rate | seconds | command |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| attack | epochs | seed | clean ACC | ACC | ASR | RA | poison rate | seconds | command |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['attack']} | {r['seed']} | {r['clean_acc']:.2f} | {r['acc']:.2f} | {r['asr']:.2f} | "
+        lines.append(f"| {r['attack']} | {r.get('epochs', 5)} | {r['seed']} | {r['clean_acc']:.2f} | {r['acc']:.2f} | "
+                     f"{r['asr']:.2f} | "
                      f"{r['ra']:.2f} | {r['poison_rate']} | {r['seconds']:.0f} | `{r['command']}` |")
     return "\n".join(lines)
 
@@ -119,7 +120,7 @@ def merge(path: Path, rows: List[Dict[str, Any]]) -> None:
     keys = {(r["attack"], r["seed"], r["command"]) for r in rows}  # the same run again replaces its row
     order = {n: i for i, n in enumerate(["badnets", "blended", "sig", "lc", "wanet", "inputaware"])}
     out = [r for r in old if (r["attack"], r["seed"], r["command"]) not in keys] + rows
-    out.sort(key=lambda r: (order.get(r["attack"], 99), r["attack"], r["seed"], r["command"]))
+    out.sort(key=lambda r: (order.get(r["attack"], 99), r["attack"], r.get("epochs", 5), r["seed"], r["command"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1) + "\n")
