@@ -145,3 +145,19 @@ def test_defense_variants_resolve_to_registered_defenses():
     assert registry_name("bcu@stop") == "bcu" and registry_name("ft") == "ft"
     d = create_defense(registry_name("bcu@stop"), {"stop": {"rule": "plateau"}})
     assert d.config.stop.rule == "plateau" and registry_name("bcu@stop") in DEFENSES
+
+
+def test_summary_means_over_attacks_then_seeds():
+    from bcu.bench import summary
+
+    def row(a, d, s, before, acc, asr, der):
+        return {"attack": a, "defense": d, "seed": s, "acc_before": before, "acc": acc, "asr": asr, "der": der}
+
+    rows = [row("badnets", "bcu", 0, 90, 88, 2, 98), row("blended", "bcu", 0, 90, 86, 6, 95),
+            row("badnets", "bcu", 1, 90, 90, 4, 96), row("blended", "bcu", 1, 90, 88, 8, 94),
+            row("badnets", "ft", 0, 90, 91, 90, 55)]  # ft lacks blended: no complete seed, no line
+    lines = summary(rows, ["badnets", "blended"], ["bcu", "ft"])
+    bcu_line = next(l for l in lines if l.startswith("| bcu |"))
+    # per-seed means: drop (3, 1) -> 2.00 ± 1.41; ASR (4, 6) -> 5.00 ± 1.41; DER (96.5, 95) -> 95.75 ± 1.06
+    assert bcu_line == "| bcu | no | 2 | 2.00 ± 1.41 | 5.00 ± 1.41 | 95.75 ± 1.06 |"
+    assert not any(l.startswith("| ft |") for l in lines)

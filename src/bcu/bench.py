@@ -357,6 +357,31 @@ def _pm(vals: List[float]) -> str:
     return f"{m:.2f}" if len(vals) == 1 else f"{m:.2f} ± {s:.2f}"
 
 
+def summary(rows: List[Dict[str, Any]], attacks: Sequence[str], defenses: Sequence[str]) -> List[str]:
+    """Markdown lines: per defense, the mean over attacks of ACC drop, ASR and DER (mean ± std over
+    seeds of the per-seed means; a seed counts only when every attack of the table has a cell)."""
+    from .defenses import DEFENSES
+
+    lines = ["Mean over the attacks above (per seed, then mean ± std over seeds):", "",
+             "| Defense | labels | seeds | ACC drop | ASR | DER |", "|---|---|---|---|---|---|"]
+    present = [a for a in attacks if any(r["attack"] == a for r in rows)]
+    for d in defenses:
+        per_seed: Dict[int, List[Dict[str, Any]]] = {}
+        for r in rows:
+            if r["defense"] == d:
+                per_seed.setdefault(r["seed"], []).append(r)
+        full = {s: rs for s, rs in per_seed.items() if {r["attack"] for r in rs} >= set(present)}
+        if not full:
+            continue
+        name = registry_name(d)
+        labels = "yes" if name in DEFENSES and getattr(DEFENSES.get(name), "uses_labels", False) else "no"
+        drop = [sum(r["acc_before"] - r["acc"] for r in rs) / len(rs) for rs in full.values()]
+        asr = [sum(r["asr"] for r in rs) / len(rs) for rs in full.values()]
+        der = [sum(r["der"] for r in rs) / len(rs) for rs in full.values()]
+        lines.append(f"| {d} | {labels} | {len(full)} | {_pm(drop)} | {_pm(asr)} | {_pm(der)} |")
+    return lines + [""]
+
+
 def markdown(cfg: BenchConfig, rows: List[Dict[str, Any]], cells: Sequence[Cell], missing: Sequence[str]) -> str:
     ok = [r for r in rows if r.get("status") == "ok"]
     attacks = [a for a in cfg.attacks if any(r["attack"] == a for r in rows)]
@@ -384,6 +409,7 @@ def markdown(cfg: BenchConfig, rows: List[Dict[str, Any]], cells: Sequence[Cell]
                 cells_ += [_pm([r["acc"] for r in rd]), _pm([r["asr"] for r in rd]), _pm([r["der"] for r in rd])]
             lines.append("| " + " | ".join(cells_) + " |")
         lines.append("")
+        lines += summary(sub, attacks, ds)
     if len(cfg.unlabeled) > 1:
         head = ["Attack", "Defense"] + [f"{u} ACC / ASR" for u in cfg.unlabeled]
         lines += ["## By unlabeled source", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
