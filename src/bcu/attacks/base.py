@@ -43,6 +43,14 @@ class AttackConfig:
         check(self.target >= 0, f"target must be >= 0, got {self.target}")
 
 
+def clean_label_poison_rate(authors: str) -> Any:
+    """The ``poison_rate`` field of a clean-label attack: half of the target class by default."""
+    return field(default=0.05, metadata={
+        "help": f"fraction of the training set poisoned, all drawn from the target class ({authors} poison a "
+                "fraction of the target class; 0.05 = half of it on a balanced 10-class set: at 0.1 the whole "
+                "class carries the trigger and clean target images are misclassified, -7 ACC on Fashion-MNIST)"})
+
+
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """Float [0, 1] -> uint8, as a poisoned image is stored on disk."""
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)

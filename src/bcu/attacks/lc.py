@@ -27,7 +27,7 @@ from ..config import check
 from ..data import AugmentConfig, ImageSet, to_float
 from ..errors import DataError
 from ..train import OptimConfig, cross_entropy_objective, fit
-from .base import ATTACKS, Attack, AttackConfig, quantize
+from .base import ATTACKS, Attack, AttackConfig, clean_label_poison_rate, quantize
 
 # Turner et al.'s corner pattern (1 = white, 0 = black) for the left-hand corners.
 LEFT_CORNER = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
@@ -35,10 +35,7 @@ LEFT_CORNER = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
 
 @dataclass
 class LCConfig(AttackConfig):
-    poison_rate: float = field(default=0.05, metadata={
-        "help": "fraction of the training set poisoned, all drawn from the target class (Turner et al. poison a "
-                "fraction of the target class; 0.05 = half of it on a balanced 10-class set: at 0.1 the whole "
-                "class is hardened and clean target images are misclassified, -7 ACC on Fashion-MNIST)"})
+    poison_rate: float = clean_label_poison_rate("Turner et al.")
     epsilon: float = field(default=16.0, metadata={
         "help": "L-inf bound of the PGD perturbation on the 0-255 scale (Turner et al. 2019 evaluate 8, 16 "
                 "and 32; measured on Fashion-MNIST in docs/attacks.md)"})

@@ -14,15 +14,12 @@ from typing import Optional
 import torch
 
 from ..config import check
-from .base import ATTACKS, Attack, AttackConfig
+from .base import ATTACKS, Attack, AttackConfig, clean_label_poison_rate
 
 
 @dataclass
 class SIGConfig(AttackConfig):
-    poison_rate: float = field(default=0.05, metadata={
-        "help": "fraction of the training set poisoned, all drawn from the target class (Barni et al. poison a "
-                "fraction of the target class; 0.05 = half of it on a balanced 10-class set: at 0.1 the whole "
-                "class carries the signal and clean target images are misclassified, -7 ACC on Fashion-MNIST)"})
+    poison_rate: float = clean_label_poison_rate("Barni et al.")
     delta: float = field(default=40.0, metadata={
         "help": "signal amplitude on the 0-255 scale used to poison training images (BackdoorBench's default "
                 "40; Barni et al. 2019 used 20 on MNIST)"})
