@@ -495,4 +495,5 @@ def write_outputs(out: Path, cfg: BenchConfig, rows: List[Dict[str, Any]], cells
         w.writerow(r)
     atomic_write_text(out / "results.csv", buf.getvalue())
     atomic_write_text(out / "results.md", markdown(cfg, rows, cells, missing))
-    plot(rows, out / "acc_asr.png")
+    # the scatter shows the grid's first (default) unlabeled source; the Markdown has the others
+    plot([r for r in rows if r.get("unlabeled") == cfg.unlabeled[0]], out / "acc_asr.png")
