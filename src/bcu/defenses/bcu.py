@@ -38,7 +38,6 @@ class DistillConfig:
     t_squared: bool = field(default=True, metadata={"help": "scale the loss by T^2 (Hinton et al.; paper: off)"})
     mixup_alpha: float = field(default=0.0, metadata={
         "help": "mix each batch with itself, Beta(alpha, alpha) weights (function matching; 0 = off, paper: 0)"})
-
     noise_blend: float = field(default=0.2, metadata={
         "help": "largest weight a of a random-noise image blended into the student's view, x + a (u - x) with "
                 "u ~ U(0, 1) per pixel and a ~ U(0, noise_blend) per image; the teacher sees the clean view, "
