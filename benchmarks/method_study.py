@@ -8,12 +8,14 @@ with each named variant and prints one JSON object per variant (ACC/ASR/RA after
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from bcu.attacks import create_attack
 from bcu.checkpoint import load_model, save_model
@@ -116,12 +118,8 @@ def main() -> None:
     from bcu.config import parse_overrides
 
     tag = "" if args.attack == "badnets" else f"-{args.attack}"
-    import yaml
-
     attack_options = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.attack_set)}
     if attack_options:
-        import hashlib
-
         tag += "-" + hashlib.sha256(json.dumps(attack_options, sort_keys=True).encode()).hexdigest()[:8]
     wd = Path(args.workdir) / f"{args.arch}-s{args.seed}-e{args.teacher_epochs}-n{args.n_train}{tag}"
     model, unlabeled, test, attack = teacher(wd, args.arch, args.teacher_epochs, args.n_train, args.seed,
@@ -137,7 +135,8 @@ def main() -> None:
         t0 = time.time()
         res = Cleanser(cfg).run(model, unlabeled, progress=False)
         after = attack_scores(res.model, test, attack, triggered=trig)
-        row = {"variant": name, "attack": args.attack, "attack_options": attack_options, "overrides": over, "arch": args.arch, "seed": args.seed,
+        row = {"variant": name, "attack": args.attack, "attack_options": attack_options, "overrides": over,
+               "arch": args.arch, "seed": args.seed,
                "teacher": before.as_dict(), "acc": after.acc, "asr": after.asr, "ra": after.ra,
                "seconds": time.time() - t0,
                "final_agree": res.history[-1].get("monitor_agree") if res.history else None}

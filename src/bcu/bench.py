@@ -375,10 +375,9 @@ def summary(rows: List[Dict[str, Any]], attacks: Sequence[str], defenses: Sequen
             continue
         name = registry_name(d)
         labels = "yes" if name in DEFENSES and getattr(DEFENSES.get(name), "uses_labels", False) else "no"
-        drop = [sum(r["acc_before"] - r["acc"] for r in rs) / len(rs) for rs in full.values()]
-        asr = [sum(r["asr"] for r in rs) / len(rs) for rs in full.values()]
-        der = [sum(r["der"] for r in rs) / len(rs) for rs in full.values()]
-        lines.append(f"| {d} | {labels} | {len(full)} | {_pm(drop)} | {_pm(asr)} | {_pm(der)} |")
+        means = [_pm([sum(f(r) for r in rs) / len(rs) for rs in full.values()])
+                 for f in (lambda r: r["acc_before"] - r["acc"], lambda r: r["asr"], lambda r: r["der"])]
+        lines.append(f"| {d} | {labels} | {len(full)} | " + " | ".join(means) + " |")
     return lines + [""]
 
 

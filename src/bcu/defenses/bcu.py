@@ -127,8 +127,7 @@ class DistillObjective:
         with torch.inference_mode():
             t_logits = self.teacher(x).float()
         t_logits = t_logits.clone()  # an ordinary tensor again: autograd may save it for the backward pass
-        if self.cfg.noise_blend > 0:
-            x = noise_blend(x, self.cfg.noise_blend, step.generator)
+        x = noise_blend(x, self.cfg.noise_blend, step.generator)  # the student's view only; 0 = unchanged
         s_logits = student(x).float()
         loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean",
                         log_target=True)
