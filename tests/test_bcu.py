@@ -101,6 +101,32 @@ def test_noise_blend_reaches_the_student_only():
         DistillConfig(noise_blend=1.5)
 
 
+def test_warp_reaches_the_student_only():
+    t, s = Recorder().eval(), Recorder()
+    x = torch.rand(8, 1, 28, 28)
+    step = Step(epoch=0, epochs=4, generator=torch.Generator().manual_seed(0))
+    DistillObjective(t, DistillConfig(noise_blend=0.0, warp=1.0))(s, x, None, step)
+    assert torch.equal(t.seen[0], x)
+    assert float((s.seen[0] - x).abs().flatten(1).mean(1).min()) > 0
+    with pytest.raises(Exception, match="warp"):
+        DistillConfig(warp=-1)
+
+
+def test_run_seed_offsets_the_configured_seeds():
+    """A bench cell's seed must change bcu's masks; seed 0 runs the config as written."""
+    m = create_model("cnn-small")
+    data = make_synthetic(128)
+    bcu_ = create_defense("bcu", {"optim": {"epochs": 1, "batch_size": 64}})
+    r0 = run_defense(bcu_, m, data, seed=0)
+    r0b = Cleanser(bcu_.config).run(m, data.without_labels())
+    r1 = run_defense(bcu_, m, data, seed=1)
+    assert r0.info["config"]["seed"] == 0 and r1.info["config"]["seed"] == 1
+    assert r1.info["config"]["reinit"]["seed"] == bcu_.config.reinit.seed + 1
+    w0, w0b, w1 = (r.model.state_dict()["net.classifier.3.weight"] for r in (r0, r0b, r1))
+    assert torch.equal(w0, w0b) and not torch.equal(w0, w1)
+    assert bcu_.config.seed == 0  # the defense's own config is untouched
+
+
 def test_distillation_makes_student_agree_with_teacher():
     train, _ = make_synthetic(1500), None
     teacher = create_model("cnn-small")

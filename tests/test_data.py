@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from bcu.data import (AugmentConfig, ImageSet, augment, batches, load_dataset, make_synthetic, mixup, noise_blend,
-                      random_crop, random_hflip, read_idx, split, take)
+                      random_crop, random_hflip, random_warp, read_idx, split, take)
 from bcu.errors import DataError
 
 from helpers import Marker, write_cifar10_dir, write_cifar100_dir, write_idx, write_idx_dir
@@ -185,6 +185,26 @@ def test_noise_blend_contract():
     assert float(moved.std()) > 0.01
     big = noise_blend(torch.zeros(4, 1, 4, 4), 1.0, torch.Generator().manual_seed(0))
     assert float(big.max()) > 0.05
+
+
+def test_random_warp_contract():
+    x = torch.rand(16, 3, 12, 10, generator=torch.Generator().manual_seed(0))
+    assert random_warp(x, 0.0) is x
+    a = random_warp(x, 2.0, 4, torch.Generator().manual_seed(3))
+    b = random_warp(x, 2.0, 4, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape and a.dtype == x.dtype
+    assert a.min() >= 0 and a.max() <= 1
+    moved = (a - x).abs().flatten(1).mean(1)
+    assert float(moved.min()) > 0 and float(moved.std()) > 0  # every image moved, by its own strength
+    # a constant image stays constant in its interior: a warp moves pixels, it does not add a pattern
+    flat = torch.full((2, 1, 8, 8), 0.4)
+    assert torch.allclose(random_warp(flat, 1.0, 4, torch.Generator().manual_seed(0))[..., 1:-1, 1:-1],
+                          flat[..., 1:-1, 1:-1], atol=1e-5)
+    # a horizontal ramp is displaced by at most strength * mean-normalised field / 2 pixels
+    ramp = torch.linspace(0, 1, 33).view(1, 1, 1, 33).expand(4, 1, 33, 33).contiguous()
+    w = random_warp(ramp, 0.5, 4, torch.Generator().manual_seed(1))
+    shift_px = ((w - ramp).abs() * 32)[..., 2:-2, 2:-2]
+    assert 0 < float(shift_px.max()) < 0.5 * 4  # |field| <= |ctrl|max / mean|ctrl| which is < 4 here
 
 
 def test_batches_without_labels_never_reads_them():
