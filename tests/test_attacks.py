@@ -14,11 +14,12 @@ from bcu.cli import main
 from bcu.data import make_synthetic, to_float
 from bcu.errors import ConfigError, DataError
 from bcu.models import create_model
-from bcu.train import OptimConfig, epoch_generator
+from bcu.train import OptimConfig, Step, epoch_generator
 
 ALL = ["badnets", "blended", "sig", "lc", "wanet", "inputaware"]
 SHAPES = [(1, 28, 28), (3, 32, 32)]
-FAST = {"inputaware": {"mask_epochs": 1, "gen_channels": 4}, "lc": {"surrogate_epochs": 1, "pgd_steps": 2}}
+FAST = {"inputaware": {"mask_epochs": 1, "gen_channels": 4},
+        "lc": {"surrogate_epochs": 1, "pgd_steps": 2, "surrogate_pgd_steps": 1}}
 TINY = OptimConfig(epochs=1, batch_size=50, lr=0.05)
 
 
@@ -301,6 +302,42 @@ def test_wanet_trains_one_epoch(small):
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     with pytest.raises(ConfigError):
         make("wanet", poison_rate=0.01).train(model, train, TINY, augment_cfg=None, progress=False)
+
+
+def test_lc_adversarial_surrogate_trains_on_pgd_examples(small, monkeypatch):
+    """An adversarially trained surrogate's objective sees PGD examples, not the batch."""
+    from bcu.attacks import lc as lc_mod
+
+    train = small[(1, 28, 28)]
+    a = make("lc", surrogate="adversarial", surrogate_epsilon=8, surrogate_pgd_steps=2)
+    assert isinstance(a.surrogate_objective(), lc_mod.AdversarialTraining)
+    assert make("lc").surrogate_objective() is lc_mod.cross_entropy_objective
+    calls = []
+    real = lc_mod.pgd_linf
+
+    def spy(model, x, y, eps, step, steps, generator):
+        out = real(model, x, y, eps, step, steps, generator)
+        calls.append((eps, step, steps, float((out - x).abs().max())))
+        return out
+
+    monkeypatch.setattr(lc_mod, "pgd_linf", spy)
+    model = tiny_model((1, 28, 28))
+    before = [p.clone() for p in model.parameters()]
+    obj = a.surrogate_objective()
+    step = Step(epoch=0, epochs=1, generator=torch.Generator().manual_seed(0))
+    x, y = to_float(train.images[:32]), train.labels[:32]
+    loss, stats = obj(model.train(), x, y, step)
+    loss.backward()
+    assert model.training and math.isfinite(float(loss)) and "adv_acc" in stats
+    eps, st, steps, moved = calls[0]
+    assert eps == pytest.approx(8 / 255) and steps == 2 and st == pytest.approx(2.5 * eps / 2)
+    assert 0 < moved <= eps + 1e-6
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))  # PGD itself changes no weight
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(DataError):
+        obj(model, x, None, step)
+    with pytest.raises(ConfigError):
+        make("lc", surrogate_pgd_steps=0)
 
 
 def test_lc_train_fits_a_surrogate_and_keeps_labels(small, monkeypatch):

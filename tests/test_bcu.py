@@ -61,7 +61,7 @@ def test_cleanse_accepts_a_dataset_that_yields_images_only():
 def test_distillation_objective_refuses_labels_and_matches_kl():
     t = create_model("cnn-small").eval()
     s = create_model("cnn-small")
-    obj = DistillObjective(t, DistillConfig(t_squared=False, mixup_alpha=0.0, noise_blend=0.0))
+    obj = DistillObjective(t, DistillConfig(t_squared=False, mixup_alpha=0.0, noise_blend=0.0, warp=0.0))
     x = torch.rand(8, 1, 28, 28)
     step = Step(epoch=1, epochs=4, generator=torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError):
@@ -71,7 +71,7 @@ def test_distillation_objective_refuses_labels_and_matches_kl():
     p_t = F.softmax(t(x) / T, 1)
     want = (p_t * (p_t.log() - F.log_softmax(s(x) / T, 1))).sum(1).mean()
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-4) and metrics["T"] == T
-    scaled, _ = DistillObjective(t, DistillConfig(t_squared=True, mixup_alpha=0.0, noise_blend=0.0))(s, x, None, step)
+    scaled, _ = DistillObjective(t, DistillConfig(t_squared=True, mixup_alpha=0.0, noise_blend=0.0, warp=0.0))(s, x, None, step)
     assert float(scaled.detach()) == pytest.approx(T * T * float(want.detach()), rel=1e-4)
 
 
@@ -90,12 +90,12 @@ def test_noise_blend_reaches_the_student_only():
     t, s = Recorder().eval(), Recorder()
     x = torch.rand(8, 1, 28, 28)
     step = Step(epoch=0, epochs=4, generator=torch.Generator().manual_seed(0))
-    DistillObjective(t, DistillConfig(noise_blend=0.3))(s, x, None, step)
+    DistillObjective(t, DistillConfig(noise_blend=0.3, warp=0.0))(s, x, None, step)
     assert torch.equal(t.seen[0], x)  # the teacher labels the clean view
     moved = (s.seen[0] - x).abs().flatten(1).amax(1)
     assert float(moved.min()) > 0 and float(moved.max()) <= 0.3 + 1e-6
     t.seen.clear(), s.seen.clear()
-    DistillObjective(t, DistillConfig(noise_blend=0.0))(s, x, None, step)
+    DistillObjective(t, DistillConfig(noise_blend=0.0, warp=0.0))(s, x, None, step)
     assert torch.equal(s.seen[0], x) and torch.equal(t.seen[0], x)
     with pytest.raises(Exception, match="noise_blend"):
         DistillConfig(noise_blend=1.5)

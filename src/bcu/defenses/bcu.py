@@ -30,9 +30,9 @@ from .reinit import ReinitConfig, reinitialize
 @dataclass
 class DistillConfig:
     """Distillation loss: KL on softmax(logits / T), T = 1 + 3 (e + 1) / E (paper). bcu's default adds
-    the T^2 factor and shows the student a noise-blended view of what the teacher sees (the paper
-    preset turns both off). Mixup is available but off: it carries blended and warping backdoors into
-    the student (docs/method.md)."""
+    the T^2 factor and shows the student a slightly warped, noise-blended view of what the teacher
+    sees (the paper preset turns all three off). Mixup is available but off: it carries blended and
+    warping backdoors into the student (docs/method.md)."""
 
     t_start: float = field(default=1.0, metadata={"help": "temperature before the first epoch"})
     t_end: float = field(default=4.0, metadata={"help": "temperature at the last epoch"})
@@ -43,10 +43,11 @@ class DistillConfig:
         "help": "largest weight a of a random-noise image blended into the student's view, x + a (u - x) with "
                 "u ~ U(0, 1) per pixel and a ~ U(0, noise_blend) per image; the teacher sees the clean view, "
                 "so the student learns to ignore additive patterns (0 = off, paper: 0; bcu: 0.2, docs/method.md)"})
-    warp: float = field(default=0.0, metadata={
+    warp: float = field(default=0.5, metadata={
         "help": "largest strength s of a smooth random warp applied to the student's view (WaNet's displacement "
                 "units, s ~ U(0, warp) per image, a warp_grid x warp_grid control field); the teacher sees the "
-                "unwarped view, so the student learns to ignore small geometric distortions (0 = off, paper: 0)"})
+                "unwarped view, so the student learns to ignore small geometric distortions (0 = off, paper: 0; "
+                "bcu: 0.5, docs/method.md)"})
     warp_grid: int = field(default=4, metadata={"help": "control points per side of the random warp field"})
 
     def __post_init__(self) -> None:
@@ -92,7 +93,8 @@ class CleanseConfig:
 # The authors' settings, verbatim.
 PAPER: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 1.0, "max_ratio": 1.0},
-    "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": False, "mixup_alpha": 0.0, "noise_blend": 0.0},
+    "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": False, "mixup_alpha": 0.0, "noise_blend": 0.0,
+                "warp": 0.0},
     "optim": {"epochs": 100, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
               "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
@@ -119,8 +121,9 @@ def preset(name: str = "default", overrides: Optional[Dict[str, Any]] = None) ->
 
 
 class DistillObjective:
-    """KL(teacher || student): both see the same (augmented, optionally mixed) view; with
-    ``noise_blend`` the student's copy is then blended with random noise, the teacher's is not."""
+    """KL(teacher || student): both see the same (augmented, optionally mixed) view; with ``warp``
+    and ``noise_blend`` the student's copy is then randomly warped and blended with random noise,
+    the teacher's is not."""
 
     def __init__(self, teacher: nn.Module, cfg: DistillConfig) -> None:
         self.teacher = teacher
