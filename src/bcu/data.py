@@ -519,13 +519,13 @@ def random_warp(x: torch.Tensor, max_strength: float, grid: int = 4,
     ctrl = torch.rand(n, 2, k, k, generator=generator) * 2 - 1
     ctrl = ctrl / ctrl.abs().mean((1, 2, 3), keepdim=True).clamp_min(1e-6)
     s = torch.rand(n, 1, 1, 1, generator=generator) * max_strength
-    field_ = F.interpolate(ctrl, size=(h, w), mode="bicubic", align_corners=True) * s
+    flow = F.interpolate(ctrl, size=(h, w), mode="bicubic", align_corners=True) * s
     scale = torch.tensor([1.0 / w, 1.0 / h]).view(1, 2, 1, 1)
     ys = torch.linspace(-1, 1, h)
     xs = torch.linspace(-1, 1, w)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     base = torch.stack((xx, yy))[None]  # (1, 2, H, W) in grid_sample's (x, y) order
-    coords = (base + field_ * scale).clamp(-1, 1).permute(0, 2, 3, 1).to(x.device, x.dtype)
+    coords = (base + flow * scale).clamp(-1, 1).permute(0, 2, 3, 1).to(x.device, x.dtype)
     return F.grid_sample(x, coords, align_corners=True).clamp(0, 1)
 
 

@@ -8,8 +8,8 @@ rising over training. No label is read anywhere: the data reaches this module wi
 from __future__ import annotations
 
 import copy
-import time
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
