@@ -71,7 +71,8 @@ def test_distillation_objective_refuses_labels_and_matches_kl():
     p_t = F.softmax(t(x) / T, 1)
     want = (p_t * (p_t.log() - F.log_softmax(s(x) / T, 1))).sum(1).mean()
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-4) and metrics["T"] == T
-    scaled, _ = DistillObjective(t, DistillConfig(t_squared=True, mixup_alpha=0.0, noise_blend=0.0, warp=0.0))(s, x, None, step)
+    plain_t2 = DistillConfig(t_squared=True, mixup_alpha=0.0, noise_blend=0.0, warp=0.0)
+    scaled, _ = DistillObjective(t, plain_t2)(s, x, None, step)
     assert float(scaled.detach()) == pytest.approx(T * T * float(want.detach()), rel=1e-4)
 
 

@@ -505,28 +505,36 @@ def noise_blend(x: torch.Tensor, max_weight: float, generator: Optional[torch.Ge
     return x + a * (u - x)
 
 
+def identity_grid(h: int, w: int) -> torch.Tensor:
+    """(1, H, W, 2) sampling grid in grid_sample's (x, y) order, align_corners=True convention."""
+    ys = torch.linspace(-1, 1, h)
+    xs = torch.linspace(-1, 1, w)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((xx, yy), dim=2)[None]
+
+
+def smooth_field(n: int, k: int, h: int, w: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(n, H, W, 2) smooth random displacement fields, WaNet's construction (Nguyen & Tran 2021):
+    a ``k x k`` grid of control offsets uniform in [-1, 1], each field normalised to mean magnitude 1,
+    upsampled bicubically to H x W."""
+    ctrl = torch.rand(n, 2, k, k, generator=generator) * 2 - 1
+    ctrl = ctrl / ctrl.abs().mean((1, 2, 3), keepdim=True)
+    return F.interpolate(ctrl, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+
+
 def random_warp(x: torch.Tensor, max_strength: float, grid: int = 4,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Each image resampled through its own smooth random warp: a ``grid x grid`` field of control
-    offsets, uniform in [-1, 1] and normalised to mean magnitude 1, upsampled bicubically to the
-    image and scaled by ``s / size`` with ``s ~ U(0, max_strength)`` per image (the displacement
-    convention of WaNet's trigger, Nguyen & Tran 2021: s = 1 moves pixels by about half a pixel on
+    """Each image resampled through its own smooth random warp (:func:`smooth_field` with a
+    ``grid x grid`` control grid) scaled by ``s / size`` with ``s ~ U(0, max_strength)`` per image
+    (the displacement convention of WaNet's trigger: s = 1 moves pixels by about half a pixel on
     average). ``max_strength`` 0 returns ``x`` unchanged."""
     if max_strength <= 0:
         return x
     n, _, h, w = x.shape
-    k = max(2, min(grid, h, w))
-    ctrl = torch.rand(n, 2, k, k, generator=generator) * 2 - 1
-    ctrl = ctrl / ctrl.abs().mean((1, 2, 3), keepdim=True).clamp_min(1e-6)
+    flow = smooth_field(n, max(2, min(grid, h, w)), h, w, generator)
     s = torch.rand(n, 1, 1, 1, generator=generator) * max_strength
-    flow = F.interpolate(ctrl, size=(h, w), mode="bicubic", align_corners=True) * s
-    scale = torch.tensor([1.0 / w, 1.0 / h]).view(1, 2, 1, 1)
-    ys = torch.linspace(-1, 1, h)
-    xs = torch.linspace(-1, 1, w)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    base = torch.stack((xx, yy))[None]  # (1, 2, H, W) in grid_sample's (x, y) order
-    coords = (base + flow * scale).clamp(-1, 1).permute(0, 2, 3, 1).to(x.device, x.dtype)
-    return F.grid_sample(x, coords, align_corners=True).clamp(0, 1)
+    coords = (identity_grid(h, w) + flow * s * torch.tensor([1.0 / w, 1.0 / h])).clamp(-1, 1)
+    return F.grid_sample(x, coords.to(x.device, x.dtype), align_corners=True).clamp(0, 1)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import check
-from ..data import AugmentConfig, ImageSet
+from ..data import AugmentConfig, ImageSet, identity_grid, smooth_field
 from ..errors import DataError
 from ..train import OptimConfig, Step, fit
 from .base import ATTACKS, Attack, AttackConfig
@@ -44,14 +44,6 @@ class WaNetConfig(AttackConfig):
               "poison_rate * (1 + cross_ratio) must be <= 1")
 
 
-def identity_grid(h: int, w: int) -> torch.Tensor:
-    """(1, H, W, 2) sampling grid in grid_sample's (x, y) order, align_corners=True convention."""
-    ys = torch.linspace(-1, 1, h)
-    xs = torch.linspace(-1, 1, w)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack((xx, yy), dim=2)[None]
-
-
 @ATTACKS.register("wanet")
 class WaNet(Attack):
     """WaNet: a fixed smooth warp (k x k control grid, bicubic upsampling) applied with grid_sample."""
@@ -64,10 +56,7 @@ class WaNet(Attack):
         c, h, w = self.image_shape
         k = self.config.k
         check(k <= min(h, w), f"k={k} is larger than the {h}x{w} image")
-        g = torch.Generator().manual_seed(self.config.seed)
-        ins = torch.rand(1, 2, k, k, generator=g) * 2 - 1
-        ins = ins / ins.abs().mean()
-        noise_grid = F.interpolate(ins, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        noise_grid = smooth_field(1, k, h, w, torch.Generator().manual_seed(self.config.seed))
         self.buffers = {"noise_grid": noise_grid.contiguous(), "grid": self._grid(noise_grid)}
 
     def _scale(self, device=None, dtype=None) -> torch.Tensor:
