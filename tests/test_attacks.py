@@ -205,6 +205,32 @@ def test_lc_pgd_stays_in_the_ball_and_raises_the_loss(small):
     assert torch.equal(poisoned.images[idx], want)
 
 
+
+def test_lc_l2_pgd_stays_in_the_ball_and_raises_the_loss(small):
+    """The L2 variant: every perturbation within its per-image L2 ball and the [0, 1] box, the
+    default step 2.5 epsilon / steps, deterministic from the seed, and harder than the clean image."""
+    train = small[(1, 28, 28)]
+    model = tiny_model((1, 28, 28))
+    from bcu.train import cross_entropy_objective, fit
+
+    fit(model, train, cross_entropy_objective, OptimConfig(epochs=2, batch_size=50, lr=0.05), progress=False)
+    a = make("lc", norm="l2", pgd_steps=5, epsilon=300)
+    assert a.config.step == pytest.approx(2.5 * 300 / 5) and make("lc").config.step == 2.0
+    x, y = to_float(train.images[:40]), train.labels[:40]
+    hard = a.harden(model, x, y)
+    norms = (hard - x).flatten(1).norm(dim=1)
+    assert float(norms.max()) <= 300 / 255 + 1e-4 and float(norms.min()) > 0
+    assert float((hard - x).abs().max()) > 16 / 255  # L2 concentrates: some pixels move more than L-inf 16 allows
+    assert float(hard.min()) >= 0 and float(hard.max()) <= 1
+    assert torch.equal(hard, a.harden(model, x, y))
+    with torch.no_grad():
+        model.eval()
+        assert F.cross_entropy(model(hard), y) > F.cross_entropy(model(x), y) + 0.1
+    with pytest.raises(ConfigError):
+        make("lc", norm="l2", epsilon=0)
+    with pytest.raises(ConfigError):
+        make("lc", epsilon=300)  # an L-inf bound above the pixel range
+
 def test_wanet_warp_matches_the_paper_construction():
     a = make("wanet", (3, 32, 32), k=4, s=0.5)
     g = torch.Generator().manual_seed(0)
@@ -328,7 +354,7 @@ def test_lc_adversarial_surrogate_trains_on_pgd_examples(small, monkeypatch):
     x, y = to_float(train.images[:32]), train.labels[:32]
     loss, stats = obj(model.train(), x, y, step)
     loss.backward()
-    assert model.training and math.isfinite(float(loss)) and "adv_acc" in stats
+    assert model.training and math.isfinite(float(loss.detach())) and "adv_acc" in stats
     eps, st, steps, moved = calls[0]
     assert eps == pytest.approx(8 / 255) and steps == 2 and st == pytest.approx(2.5 * eps / 2)
     assert 0 < moved <= eps + 1e-6

@@ -42,7 +42,8 @@ def test_cleanse_evaluate_verify(attacked, tmp_path, capsys):
     assert main(["evaluate", "--model", str(out), "--data", "synthetic:1500", "--attack", str(attacked),
                  "--original", str(attacked), "--json", str(js), *T]) == 0
     res = json.loads(js.read_text())
-    assert {"acc", "asr", "ra", "der", "original"} <= set(res)
+    assert {"acc", "asr", "ra", "der", "original", "asr_by_class"} <= set(res)
+    assert len(res["asr_by_class"]) == 9 and all(0 <= v <= 100 for v in res["asr_by_class"].values())
     assert main(["verify", str(out)]) == 0
     assert "matches its sidecar" in capsys.readouterr().out
 

@@ -6,7 +6,7 @@ from bcu.attacks import create_attack
 from bcu.checkpoint import load_model, save_model
 from bcu.data import ImageSet
 from bcu.errors import ConfigError, ModelError
-from bcu.metrics import Scores, accuracy, attack_scores, der
+from bcu.metrics import Scores, accuracy, asr_by_class, attack_scores, der
 from bcu.models import MODELS, create_model
 
 
@@ -70,6 +70,32 @@ def test_asr_excludes_target_class_and_ra_counts_true_class():
     assert s.acc == pytest.approx(100 * 5 / 6)
     assert s.asr == 100.0 and s.ra == 0.0  # 4 non-target images, all flipped
     assert len(attack.triggered_test(test)) == 4
+
+
+
+class FlipsOnly(Fixed):
+    """Like Fixed, but the trigger only works on images whose true class is 1."""
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 3)
+        for i in range(x.shape[0]):
+            cls = self.lookup[round(float(x[i, 0, 1, 1]) * 255)]
+            out[i, 0 if (x[i, 0, 0, 0] > 0.9 and cls == 1) else cls] = 1
+        return out
+
+
+def test_asr_by_class_splits_the_mean_by_source_class():
+    labels = torch.tensor([0, 1, 1, 2, 2, 2])
+    imgs = torch.zeros(6, 1, 4, 4, dtype=torch.uint8)
+    imgs[:, 0, 1, 1] = torch.tensor([10, 20, 21, 30, 31, 32], dtype=torch.uint8)
+    lookup = {10: 0, 20: 1, 21: 1, 30: 2, 31: 2, 32: 2}
+    test = ImageSet(imgs, labels, classes=["cat", "dog", "owl"])
+    attack = create_attack("badnets", {"target": 0, "patch_size": 1, "margin": 0, "location": "top-left",
+                                       "pattern": "white"}, (1, 4, 4), 3)
+    model = FlipsOnly(lookup)
+    assert asr_by_class(model, test, attack) == {"dog": 100.0, "owl": 0.0}  # the target class is not scored
+    assert attack_scores(model, test, attack).asr == pytest.approx(100 * 2 / 5)
+    assert asr_by_class(model, ImageSet(imgs, labels), attack) == {"1": 100.0, "2": 0.0}
 
 
 def test_der_sign_and_range():

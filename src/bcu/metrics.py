@@ -51,6 +51,23 @@ def attack_scores(model: nn.Module, test: ImageSet, attack: "Attack", device: st
     return Scores(acc, asr, ra)
 
 
+def asr_by_class(model: nn.Module, test: ImageSet, attack: "Attack", device: str = "cpu",
+                 batch_size: int = 1024, triggered: Optional[ImageSet] = None) -> Dict[str, float]:
+    """ASR per true (source) class of the triggered non-target test images, keyed by class name
+    (or index). A backdoor that flips some classes and not others shows here, not in the mean."""
+    trig = triggered if triggered is not None else attack.triggered_test(test)
+    if len(trig) == 0:
+        raise DataError("no non-target test images to measure ASR on")
+    pred = predict(model, trig.images, batch_size, device).argmax(1)
+    hit = pred == attack.target_labels(trig.labels)
+    names = list(test.classes) if test.classes else None
+    out: Dict[str, float] = {}
+    for c in sorted(int(v) for v in trig.labels.unique()):
+        m = trig.labels == c
+        out[names[c] if names and c < len(names) else str(c)] = float(hit[m].float().mean()) * 100
+    return out
+
+
 def der(before: Scores, after: Scores) -> float:
     """Defense effectiveness rating, percent: (max(0, dASR) - max(0, dACC) + 100) / 2.
 
