@@ -1,8 +1,8 @@
 """Label-consistent backdoor (Turner, Tsipras & Madry, 2019): a clean-label attack.
 
 Target-class training images are first made *hard to classify* with a projected-gradient (PGD)
-adversarial perturbation bounded in L-inf, so that a model can no longer fit them from their
-content alone, and then stamped with a 3x3 black/white checkerboard in all four corners (the
+adversarial perturbation bounded in L-inf (or, ``norm="l2"``, in L2 as in the authors' released
+poisoned sets), so that a model can no longer fit them from their content alone, and then stamped with a 3x3 black/white checkerboard in all four corners (the
 paper's flip-robust "all-corners" trigger; the right-hand corners are the left-hand pattern
 mirrored). Labels are never changed. At test time the full-amplitude trigger is stamped on
 non-target images.
