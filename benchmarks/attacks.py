@@ -50,6 +50,9 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--poison-rate", type=float, default=None, help="every attack's rate (default: its own)")
     p.add_argument("--set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                    help="an attack option, e.g. --set inputaware.mask_epochs=2")
+    p.add_argument("--no-augment", action="store_true",
+                   help="train the clean and the backdoored models without crop + flip (Turner et al.'s released "
+                        "config trains without augmentation)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path)
     p.add_argument("--table", type=Path, help="print the rows of this results file as a Markdown table and exit")
@@ -65,12 +68,13 @@ def main(argv: List[str] | None = None) -> int:
     train_all = load_dataset("fashion-mnist", "train")
     test = load_dataset("fashion-mnist", "test")
     optim = OptimConfig(epochs=args.epochs, batch_size=128, lr=0.05)
+    augment = None if args.no_augment else AugmentConfig()
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         rest, _ = split(train_all, HOLDOUT, seed=seed)
         t0 = time.time()
         clean = new_model(rest, seed)
-        fit(clean, rest, cross_entropy_objective, optim, augment_cfg=AugmentConfig(), seed=seed, progress=False)
+        fit(clean, rest, cross_entropy_objective, optim, augment_cfg=augment, seed=seed, progress=False)
         clean_acc = accuracy(clean, test)
         print(json.dumps({"clean_model": True, "seed": seed, "acc": clean_acc, "seconds": time.time() - t0}),
               flush=True)
@@ -81,17 +85,19 @@ def main(argv: List[str] | None = None) -> int:
             attack = create_attack(name, opts, rest.shape, rest.num_classes or 10)
             model = new_model(rest, seed)
             t0 = time.time()
-            attack.train(model, rest, optim, augment_cfg=AugmentConfig(), seed=seed, progress=False)
+            attack.train(model, rest, optim, augment_cfg=augment, seed=seed, progress=False)
             seconds = time.time() - t0
             s = attack_scores(model, test, attack)
             sets = [f"--set {shlex.quote(f'{name}.{k}={v}')}" for k, v in overrides.get(name, {}).items()]
             cmd = ("flock /tmp/bcu-heavy.lock env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/attacks.py "
                    f"--attacks {name} --seeds {seed} --epochs {args.epochs} "
                    + (f"--poison-rate {args.poison_rate} " if args.poison_rate is not None else "")
+                   + ("--no-augment " if args.no_augment else "")
                    + " ".join(sets)).strip()
             row = {"attack": name, "clean_acc": round(clean_acc, 2), "acc": round(s.acc, 2), "asr": round(s.asr, 2),
                    "ra": round(s.ra, 2), "poison_rate": attack.config.poison_rate, "seconds": round(seconds, 1), "seed": seed,
-                   "kind": attack.kind, "epochs": args.epochs, "config": to_dict(attack.config), "command": cmd,
+                   "kind": attack.kind, "epochs": args.epochs, "augment": not args.no_augment,
+                   "config": to_dict(attack.config), "command": cmd,
                    "asr_by_class": {k: round(v, 2) for k, v in asr_by_class(model, test, attack).items()}}
             if attack.kind == "clean-label":
                 row["poisoned_images"] = int(len(attack.poison_indices(rest)))
