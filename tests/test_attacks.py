@@ -205,7 +205,6 @@ def test_lc_pgd_stays_in_the_ball_and_raises_the_loss(small):
     assert torch.equal(poisoned.images[idx], want)
 
 
-
 def test_lc_l2_pgd_stays_in_the_ball_and_raises_the_loss(small):
     """The L2 variant: every perturbation within its per-image L2 ball and the [0, 1] box, the
     default step 2.5 epsilon / steps, deterministic from the seed, and harder than the clean image."""
@@ -230,6 +229,7 @@ def test_lc_l2_pgd_stays_in_the_ball_and_raises_the_loss(small):
         make("lc", norm="l2", epsilon=0)
     with pytest.raises(ConfigError):
         make("lc", epsilon=300)  # an L-inf bound above the pixel range
+
 
 def test_wanet_warp_matches_the_paper_construction():
     a = make("wanet", (3, 32, 32), k=4, s=0.5)
