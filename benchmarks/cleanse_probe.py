@@ -15,10 +15,13 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from bcu.bench import _split_data, ensure_teacher, load_config, source_images
 from bcu.config import parse_overrides
 from bcu.defenses.bcu import Cleanser, preset
-from bcu.metrics import attack_scores
+from bcu.metrics import asr_by_class, attack_scores
+from bcu.train import predict
 
 
 def main() -> None:
@@ -44,7 +47,21 @@ def main() -> None:
     print(json.dumps({"attack": args.attack, "seed": args.seed, "unlabeled": args.unlabeled, "preset": args.preset,
                       "overrides": over, "teacher": {"acc": round(before["acc"], 2), "asr": round(before["asr"], 2)},
                       "acc": round(after.acc, 2), "asr": round(after.asr, 2), "ra": round(after.ra, 2),
-                      "seconds": round(seconds, 1)}), flush=True)
+                      "seconds": round(seconds, 1),
+                      "teacher_asr_by_class": {k: round(v, 2) for k, v in asr_by_class(model, test, attack).items()},
+                      "asr_by_class": {k: round(v, 2) for k, v in asr_by_class(res.model, test, attack).items()},
+                      "untriggered_to_target_by_class": to_target_by_class(res.model, test, attack)}), flush=True)
+
+
+def to_target_by_class(model, test, attack) -> dict:
+    """Percent of *untriggered* non-target test images of each class that the model puts in the
+    target class: the floor under that class's ASR that owes nothing to the trigger."""
+    nontarget = test.subset(torch.nonzero(test.labels != attack.config.target).flatten())
+    pred = predict(model, nontarget.images, 1024, "cpu").argmax(1)
+    hit = pred == attack.target_labels(nontarget.labels)
+    names = test.classes or [str(c) for c in range(int(test.labels.max()) + 1)]
+    return {names[c]: round(float(hit[nontarget.labels == c].float().mean()) * 100, 2)
+            for c in sorted(int(v) for v in nontarget.labels.unique())}
 
 
 if __name__ == "__main__":
