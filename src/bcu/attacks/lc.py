@@ -91,21 +91,28 @@ class LCConfig(AttackConfig):
         return 2.0 if self.norm == "linf" else 2.5 * self.epsilon / max(self.pgd_steps, 1)
 
 
-def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
-             generator: torch.Generator) -> torch.Tensor:
-    """Untargeted L-inf PGD with a random start (Madry et al. 2018); x in [0, 1], returns x + delta."""
-    if eps <= 0 or steps == 0:
-        return x.clone()
-    delta = (torch.rand(x.shape, generator=generator) * 2 - 1).to(x.device, x.dtype) * eps
+def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, steps: int,
+            step_and_project) -> torch.Tensor:
+    """Shared PGD loop: ``steps`` times, take the cross-entropy gradient w.r.t. ``delta``, let
+    ``step_and_project(delta, grad)`` move and project it, then clip x + delta to [0, 1]."""
     delta = (x + delta).clamp(0, 1) - x
     for _ in range(steps):
         delta.requires_grad_(True)
         with torch.enable_grad():
             loss = F.cross_entropy(model(x + delta), y)
             (grad,) = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
+        delta = step_and_project(delta.detach(), grad)
         delta = (x + delta).clamp(0, 1) - x
     return (x + delta).detach()
+
+
+def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
+             generator: torch.Generator) -> torch.Tensor:
+    """Untargeted L-inf PGD with a random start (Madry et al. 2018); x in [0, 1], returns x + delta."""
+    if eps <= 0 or steps == 0:
+        return x.clone()
+    delta = (torch.rand(x.shape, generator=generator) * 2 - 1).to(x.device, x.dtype) * eps
+    return _ascend(model, x, y, delta, steps, lambda d, g: (d + step * g.sign()).clamp(-eps, eps))
 
 
 def _per_image_norm(t: torch.Tensor) -> torch.Tensor:
@@ -121,16 +128,12 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step:
     noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
     radius = torch.rand(x.shape[0], generator=generator).to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
     delta = noise / _per_image_norm(noise) * radius * eps  # uniform direction, radius in [0, eps]
-    delta = (x + delta).clamp(0, 1) - x
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        with torch.enable_grad():
-            loss = F.cross_entropy(model(x + delta), y)
-            (grad,) = torch.autograd.grad(loss, delta)
-        delta = delta.detach() + step * grad / _per_image_norm(grad)
-        delta = delta * (eps / _per_image_norm(delta)).clamp(max=1.0)
-        delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
+
+    def step_and_project(d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        d = d + step * g / _per_image_norm(g)
+        return d * (eps / _per_image_norm(d)).clamp(max=1.0)
+
+    return _ascend(model, x, y, delta, steps, step_and_project)
 
 
 PGD = {"linf": pgd_linf, "l2": pgd_l2}
