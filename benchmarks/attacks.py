@@ -26,7 +26,7 @@ import torch
 from bcu.attacks import ATTACKS, create_attack
 from bcu.config import parse_overrides, to_dict
 from bcu.data import AugmentConfig, load_dataset, split
-from bcu.metrics import accuracy, asr_by_class, attack_scores
+from bcu.metrics import accuracy, attack_scores
 from bcu.models import create_model
 from bcu.train import OptimConfig, cross_entropy_objective, fit
 
@@ -98,7 +98,7 @@ def main(argv: List[str] | None = None) -> int:
                    "ra": round(s.ra, 2), "poison_rate": attack.config.poison_rate, "seconds": round(seconds, 1), "seed": seed,
                    "kind": attack.kind, "epochs": args.epochs, "augment": not args.no_augment,
                    "config": to_dict(attack.config), "command": cmd,
-                   "asr_by_class": {k: round(v, 2) for k, v in asr_by_class(model, test, attack).items()}}
+                   "asr_by_class": {k: round(v, 2) for k, v in s.asr_by_class.items()}}
             if attack.kind == "clean-label":
                 row["poisoned_images"] = int(len(attack.poison_indices(rest)))
                 # clean-label attacks teach "target class = trigger": clean target images can suffer

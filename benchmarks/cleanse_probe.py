@@ -20,7 +20,7 @@ import torch
 from bcu.bench import _split_data, ensure_teacher, load_config, source_images
 from bcu.config import parse_overrides
 from bcu.defenses.bcu import Cleanser, preset
-from bcu.metrics import asr_by_class, attack_scores
+from bcu.metrics import asr_by_class, attack_scores, rate_by_class
 from bcu.train import predict
 
 
@@ -49,7 +49,7 @@ def main() -> None:
                       "acc": round(after.acc, 2), "asr": round(after.asr, 2), "ra": round(after.ra, 2),
                       "seconds": round(seconds, 1),
                       "teacher_asr_by_class": {k: round(v, 2) for k, v in asr_by_class(model, test, attack).items()},
-                      "asr_by_class": {k: round(v, 2) for k, v in asr_by_class(res.model, test, attack).items()},
+                      "asr_by_class": {k: round(v, 2) for k, v in after.asr_by_class.items()},
                       "untriggered_to_target_by_class": to_target_by_class(res.model, test, attack)}), flush=True)
 
 
@@ -59,9 +59,7 @@ def to_target_by_class(model, test, attack) -> dict:
     nontarget = test.subset(torch.nonzero(test.labels != attack.config.target).flatten())
     pred = predict(model, nontarget.images, 1024, "cpu").argmax(1)
     hit = pred == attack.target_labels(nontarget.labels)
-    names = test.classes or [str(c) for c in range(int(test.labels.max()) + 1)]
-    return {names[c]: round(float(hit[nontarget.labels == c].float().mean()) * 100, 2)
-            for c in sorted(int(v) for v in nontarget.labels.unique())}
+    return {k: round(v, 2) for k, v in rate_by_class(hit, nontarget.labels, test.classes).items()}
 
 
 if __name__ == "__main__":

@@ -72,7 +72,6 @@ def test_asr_excludes_target_class_and_ra_counts_true_class():
     assert len(attack.triggered_test(test)) == 4
 
 
-
 class FlipsOnly(Fixed):
     """Like Fixed, but the trigger only works on images whose true class is 1."""
 

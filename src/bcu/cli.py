@@ -258,7 +258,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write_json
     from .config import parse_overrides
     from .data import load_dataset
-    from .metrics import accuracy, asr_by_class, attack_scores, der
+    from .metrics import accuracy, attack_scores, der
     from .report import scores_table
 
     _setup_runtime(args)
@@ -276,7 +276,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         after = attack_scores(model, test, attack, args.device, triggered=trig)
         named["model"] = after.as_dict()
         result.update(after.as_dict())
-        result["asr_by_class"] = asr_by_class(model, test, attack, args.device, triggered=trig)
+        result["asr_by_class"] = after.asr_by_class
         result["attack"] = attack.describe()
         if args.original:
             orig, _ = load_model_from_args(args, args.original)

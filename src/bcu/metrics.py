@@ -5,7 +5,7 @@ effectiveness (DER). All in percent, 0-100.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ class Scores:
     acc: float
     asr: Optional[float] = None
     ra: Optional[float] = None
+    asr_by_class: Optional[Dict[str, float]] = None  # from the same predictions as ``asr``; not in as_dict()
 
     def as_dict(self) -> Dict[str, Optional[float]]:
         return {"acc": self.acc, "asr": self.asr, "ra": self.ra}
@@ -38,34 +39,41 @@ def accuracy(model: nn.Module, data: ImageSet, device: str = "cpu", batch_size: 
     return float((pred == data.labels).float().mean()) * 100
 
 
-def attack_scores(model: nn.Module, test: ImageSet, attack: "Attack", device: str = "cpu",
-                  batch_size: int = 1024, triggered: Optional[ImageSet] = None) -> Scores:
-    """ACC on ``test``; ASR and RA on its triggered non-target images (all-to-one)."""
-    acc = accuracy(model, test, device, batch_size)
+def rate_by_class(hit: torch.Tensor, labels: torch.Tensor, classes: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    """Percentage of ``hit`` per label present, keyed by class name (or the index as a string)."""
+    out: Dict[str, float] = {}
+    for c in sorted(int(v) for v in labels.unique()):
+        name = classes[c] if classes and c < len(classes) else str(c)
+        out[name] = float(hit[labels == c].float().mean()) * 100
+    return out
+
+
+def _triggered_hits(model: nn.Module, test: ImageSet, attack: "Attack", device: str, batch_size: int,
+                    triggered: Optional[ImageSet]):
     trig = triggered if triggered is not None else attack.triggered_test(test)
     if len(trig) == 0:
         raise DataError("no non-target test images to measure ASR on")
     pred = predict(model, trig.images, batch_size, device).argmax(1)
-    asr = float((pred == attack.target_labels(trig.labels)).float().mean()) * 100
-    ra = float((pred == trig.labels).float().mean()) * 100
-    return Scores(acc, asr, ra)
+    return pred, trig.labels, pred == attack.target_labels(trig.labels)
+
+
+def attack_scores(model: nn.Module, test: ImageSet, attack: "Attack", device: str = "cpu",
+                  batch_size: int = 1024, triggered: Optional[ImageSet] = None) -> Scores:
+    """ACC on ``test``; ASR and RA on its triggered non-target images (all-to-one), and ASR per
+    source class from the same predictions."""
+    acc = accuracy(model, test, device, batch_size)
+    pred, labels, hit = _triggered_hits(model, test, attack, device, batch_size, triggered)
+    ra = float((pred == labels).float().mean()) * 100
+    return Scores(acc, float(hit.float().mean()) * 100, ra, rate_by_class(hit, labels, test.classes))
 
 
 def asr_by_class(model: nn.Module, test: ImageSet, attack: "Attack", device: str = "cpu",
                  batch_size: int = 1024, triggered: Optional[ImageSet] = None) -> Dict[str, float]:
     """ASR per true (source) class of the triggered non-target test images, keyed by class name
-    (or index). A backdoor that flips some classes and not others shows here, not in the mean."""
-    trig = triggered if triggered is not None else attack.triggered_test(test)
-    if len(trig) == 0:
-        raise DataError("no non-target test images to measure ASR on")
-    pred = predict(model, trig.images, batch_size, device).argmax(1)
-    hit = pred == attack.target_labels(trig.labels)
-    names = list(test.classes) if test.classes else None
-    out: Dict[str, float] = {}
-    for c in sorted(int(v) for v in trig.labels.unique()):
-        m = trig.labels == c
-        out[names[c] if names and c < len(names) else str(c)] = float(hit[m].float().mean()) * 100
-    return out
+    (or index). A backdoor that flips some classes and not others shows here, not in the mean.
+    (:func:`attack_scores` returns the same in ``Scores.asr_by_class`` without a second pass.)"""
+    _, labels, hit = _triggered_hits(model, test, attack, device, batch_size, triggered)
+    return rate_by_class(hit, labels, test.classes)
 
 
 def der(before: Scores, after: Scores) -> float:

@@ -4,8 +4,8 @@ Target-class training images are first made *hard to classify* with a projected-
 adversarial perturbation bounded in L-inf (or, ``norm="l2"``, in L2 as in the authors' released
 poisoned sets), so that a model can no longer fit them from their content alone, and then
 stamped with a 3x3 black/white checkerboard in all four corners (the paper's flip-robust
-"all-corners" trigger; the right-hand corners are the left-hand pattern mirrored). Labels are never changed. At test time the full-amplitude trigger is stamped on
-non-target images.
+"all-corners" trigger; the right-hand corners are the left-hand pattern mirrored). Labels are
+never changed. At test time the full-amplitude trigger is stamped on non-target images.
 
 The perturbation needs a clean model. Turner et al. used a (adversarially trained) pre-trained
 model; here ``poison(train, model)`` takes one, and ``train()`` first trains a clean *surrogate*
