@@ -28,6 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/bench-fmnist.yaml")
     ap.add_argument("--out", default="runs/bench-fmnist", help="the bench run directory (teachers are reused)")
+    ap.add_argument("--arch", default=None, help="architecture of the grid (default: its first)")
     ap.add_argument("--attack", required=True)
     ap.add_argument("--seed", type=int, required=True, help="the bench seed of the teacher and its data split")
     ap.add_argument("--unlabeled", default="in-dist")
@@ -36,7 +37,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.config)
     out = Path(args.out)
-    model, attack, before = ensure_teacher(cfg, out, args.attack, args.seed)
+    arch = args.arch or next(iter(cfg.archs))
+    model, attack, before = ensure_teacher(cfg, out, arch, args.attack, args.seed)
     _, _, test = _split_data(cfg, args.seed)
     data = source_images(cfg, out, args.unlabeled, args.seed, tuple(model.spec.input_shape), model.spec.num_classes)
     over = parse_overrides(args.set)
@@ -44,7 +46,7 @@ def main() -> None:
     res = Cleanser(preset(args.preset, over)).run(model, data.without_labels(), progress=False)
     seconds = time.time() - t0
     after = attack_scores(res.model, test, attack)
-    print(json.dumps({"attack": args.attack, "seed": args.seed, "unlabeled": args.unlabeled, "preset": args.preset,
+    print(json.dumps({"arch": arch, "attack": args.attack, "seed": args.seed, "unlabeled": args.unlabeled, "preset": args.preset,
                       "overrides": over, "teacher": {"acc": round(before["acc"], 2), "asr": round(before["asr"], 2)},
                       "acc": round(after.acc, 2), "asr": round(after.asr, 2), "ra": round(after.ra, 2),
                       "seconds": round(seconds, 1),

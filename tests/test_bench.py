@@ -63,16 +63,16 @@ def test_grid_runs_writes_outputs_and_reuses_cells(tmp_path):
     assert "| badnets |" in md and "bcu ACC" in md and "ft ACC" in md
     # teachers are cached as safetensors + attack artifact, one per (attack, seed)
     for a in ("badnets", "blended"):
-        t = out / "teachers" / f"{a}__s0"
+        t = out / "teachers" / f"cnn-small__{a}__s0"
         assert (t / "model.safetensors").is_file() and (t / "attack.json").is_file()
     assert (out / "unlabeled" / "small__s0.npz").is_file()
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
-    teacher_mtime = (out / "teachers" / "badnets__s0" / "model.safetensors").stat().st_mtime_ns
+    teacher_mtime = (out / "teachers" / "cnn-small__badnets__s0" / "model.safetensors").stat().st_mtime_ns
     # a second run recomputes nothing
     stats2 = run_bench(cfg, out, config_path=str(path), threads=1, log=logs.append)
     assert stats2["computed"] == 0 and stats2["cached"] == 4
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == mtimes
-    assert (out / "teachers" / "badnets__s0" / "model.safetensors").stat().st_mtime_ns == teacher_mtime
+    assert (out / "teachers" / "cnn-small__badnets__s0" / "model.safetensors").stat().st_mtime_ns == teacher_mtime
 
 
 def test_killed_run_resumes(tmp_path):
@@ -161,3 +161,37 @@ def test_summary_means_over_attacks_then_seeds():
     # per-seed means: drop (3, 1) -> 2.00 ± 1.41; ASR (4, 6) -> 5.00 ± 1.41; DER (96.5, 95) -> 95.75 ± 1.06
     assert bcu_line == "| bcu | no | 2 | 2.00 ± 1.41 | 5.00 ± 1.41 | 95.75 ± 1.06 |"
     assert not any(l.startswith("| ft |") for l in lines)
+
+
+def test_architectures_and_attack_variants(tmp_path):
+    """Several architectures (each with options and teacher overrides) x attack variants (name@label)."""
+    cfg_dict = {**TINY, "attacks": ["badnets", "badnets@line"], "defenses": ["clp"],
+                "archs": {"cnn-small": {}, "narrow": {"arch": "cnn4", "options": {"width": 0.5}, "teacher": {"epochs": 2}}},
+                "attack_options": {"badnets@line": {"patch_size": 1, "patch_width": 8, "pattern": "white", "target": 3}},
+                "attack_teacher": {"badnets@line": {"lr": 0.02}}}
+    path = _write(tmp_path, cfg_dict)
+    cfg = load_config(str(path))
+    assert cfg.teacher_optim("narrow", "badnets@line").epochs == 2
+    assert cfg.teacher_optim("narrow", "badnets@line").lr == 0.02 and cfg.teacher_optim("cnn-small", "badnets").lr == 0.05
+    out = tmp_path / "out"
+    stats = run_bench(cfg, out, config_path=str(path), threads=1, log=lambda *_: None)
+    assert stats["computed"] == 4
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted((r["arch"], r["attack"]) for r in rows) == [
+        ("cnn-small", "badnets"), ("cnn-small", "badnets@line"), ("narrow", "badnets"), ("narrow", "badnets@line")]
+    for r in rows:
+        assert f"--archs {r['arch']} --attacks {r['attack']}" in r["command"]
+    line = json.loads((out / "teachers" / "narrow__badnets@line__s0" / "attack.json").read_text())
+    assert line["name"] == "badnets" and line["config"]["patch_width"] == 8 and line["config"]["target"] == 3
+    narrow = json.loads((out / "teachers" / "narrow__badnets__s0" / "model.json").read_text())
+    assert narrow["arch"] == "cnn4" and narrow["kwargs"] == {"width": 0.5}
+    scores = json.loads((out / "teachers" / "narrow__badnets__s0" / "scores.json").read_text())
+    assert scores["teacher"]["epochs"] == 2 and len(scores["asr_by_class"]) == 9
+    md = (out / "results.md").read_text()
+    assert "`narrow`, unlabeled source" in md and "| badnets@line |" in md
+    only = run_bench(cfg, out, config_path=str(path), threads=1, archs=["narrow"], log=lambda *_: None)
+    assert only["cells"] == 2 and only["computed"] == 0
+    with pytest.raises(ConfigError):
+        run_bench(cfg, out, archs=["resnet18"], log=lambda *_: None)
+    with pytest.raises(ConfigError, match="attack_teacher"):
+        load_config(str(_write(tmp_path, {**TINY, "attack_teacher": {"wanet": {"epochs": 2}}})))

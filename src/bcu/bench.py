@@ -2,10 +2,15 @@
 
 Layout of the output folder::
 
-    teachers/<attack>__s<seed>/   backdoored model (model.safetensors + model.json), attack artifact
-                                  (attack.json + attack.safetensors) and scores.json; trained once
+    teachers/<arch>__<attack>__s<seed>/   backdoored model (model.safetensors + model.json), attack
+                                  artifact (attack.json + attack.safetensors) and scores.json; trained once
     unlabeled/<source>__s<seed>.npz  each source's images (no labels): ``bcu cleanse --data`` reads them
-    cells/<attack>__<defense>__<source>__s<seed>.json   one finished cell, written atomically
+    cells/<arch>__<attack>__<defense>__<source>__s<seed>.json   one finished cell, written atomically
+
+Architectures, attacks and defenses may be *variants*: ``badnets@line`` is the registered attack
+``badnets`` with the options under that key in ``attack_options`` (and ``bcu@stop`` the defense
+``bcu`` with ``defense_options["bcu@stop"]``); ``archs`` maps a name to a registered architecture,
+its constructor options and its teacher's training overrides.
     results.json, results.csv, results.md, acc_asr.png   aggregated from every finished cell
 
 A killed run continues where it stopped: a cell whose JSON exists is never recomputed, a teacher
@@ -36,7 +41,7 @@ from .errors import ConfigError
 from .train import OptimConfig
 from .unlabeled import SourceConfig, build as build_source, export_npz, resolve as resolve_source
 
-ROW_KEYS = ["attack", "defense", "unlabeled", "seed", "acc_before", "asr_before", "acc", "asr", "ra", "der",
+ROW_KEYS = ["arch", "attack", "defense", "unlabeled", "seed", "acc_before", "asr_before", "acc", "asr", "ra", "der",
             "seconds", "command"]
 
 
@@ -50,19 +55,35 @@ class TeacherOptim(OptimConfig):
 
 
 @dataclass
+class ArchEntry:
+    """One architecture of a grid: a registered model, its constructor options, teacher overrides."""
+
+    arch: Optional[str] = field(default=None, metadata={
+        "help": "registered architecture (default: the entry's name up to any '@')"})
+    options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "create_model options, e.g. width"})
+    teacher: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "overrides of the grid's teacher training for this architecture, e.g. {epochs: 10}"})
+
+
+@dataclass
 class BenchConfig:
     """A benchmark grid (see docs/defenses.md for the format)."""
 
     name: str = field(default="bench", metadata={"help": "name used in reports"})
     data: str = field(default="fashion-mnist", metadata={"help": "labelled data set (train and test splits)"})
-    arch: str = field(default="cnn-small", metadata={"help": "architecture of the backdoored model"})
+    arch: str = field(default="cnn-small", metadata={"help": "architecture of the backdoored model (unless archs)"})
     arch_options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "extra create_model options"})
+    archs: Dict[str, ArchEntry] = field(default_factory=dict, metadata={
+        "help": "several architectures: name -> {arch, options, teacher} (default: just arch with arch_options)"})
     holdout: int = field(default=5000, metadata={"help": "training images held out from the attacker (paper: 5,000)"})
     n_train: Optional[int] = field(default=None, metadata={"help": "train the attack on this many images (None: all)"})
     n_test: Optional[int] = field(default=None, metadata={"help": "evaluate on this many test images (None: all)"})
     attacks: List[str] = field(default_factory=lambda: ["badnets"], metadata={"help": "registered attack names"})
     attack_options: Dict[str, Dict[str, Any]] = field(default_factory=dict, metadata={"help": "attack -> options"})
     teacher: TeacherOptim = field(default_factory=TeacherOptim)
+    attack_teacher: Dict[str, Dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": "attack -> overrides of the teacher training, e.g. {inputaware: {epochs: 10}} (applied after the "
+                "architecture's)"})
     teacher_augment: AugmentConfig = field(default_factory=AugmentConfig)
     defenses: List[str] = field(default_factory=lambda: ["bcu"], metadata={"help": "registered defense names"})
     defense_options: Dict[str, Dict[str, Any]] = field(default_factory=dict, metadata={"help": "defense -> options"})
@@ -79,15 +100,31 @@ class BenchConfig:
             check(len(set(getattr(self, what))) == len(getattr(self, what)), f"{what} has duplicates")
         for u in self.unlabeled:
             resolve_source(u, self.sources)
+        if not self.archs:
+            self.archs = {self.arch: ArchEntry(self.arch, dict(self.arch_options))}
+        for name, entry in self.archs.items():
+            check("__" not in name and "/" not in name, f"archs: {name!r} may not contain '__' or '/'")
+            entry.arch = entry.arch or registry_name(name)
+            from_dict(TeacherOptim, {**to_dict(self.teacher), **entry.teacher}, f"archs.{name}.teacher")
+        for name, over in self.attack_teacher.items():
+            check(name in self.attacks, f"attack_teacher: {name!r} is not one of the attacks")
+            from_dict(TeacherOptim, {**to_dict(self.teacher), **over}, f"attack_teacher.{name}")
+
+    def teacher_optim(self, arch: str, attack: str) -> TeacherOptim:
+        """The teacher training of one cell: the grid's, then the architecture's, then the attack's overrides."""
+        return from_dict(TeacherOptim, {**to_dict(self.teacher), **self.archs[arch].teacher,
+                                        **self.attack_teacher.get(attack, {})})
 
 
-def registry_name(defense: str) -> str:
-    """``bcu@stop`` names a variant of the registered defense ``bcu`` (its options under that key)."""
-    return defense.split("@", 1)[0]
+def registry_name(name: str) -> str:
+    """``bcu@stop`` names a variant of the registered defense ``bcu`` (its options under that key); the
+    same holds for attacks (``badnets@line``) and architectures."""
+    return name.split("@", 1)[0]
 
 
 @dataclass(frozen=True)
 class Cell:
+    arch: str
     attack: str
     defense: str
     unlabeled: str
@@ -95,7 +132,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{self.attack}__{self.defense}__{self.unlabeled}__s{self.seed}"
+        return f"{self.arch}__{self.attack}__{self.defense}__{self.unlabeled}__s{self.seed}"
 
 
 def load_config(path: str) -> BenchConfig:
@@ -103,7 +140,8 @@ def load_config(path: str) -> BenchConfig:
 
 
 def grid(cfg: BenchConfig, attacks: Optional[Sequence[str]] = None, defenses: Optional[Sequence[str]] = None,
-         seeds: Optional[Sequence[int]] = None, unlabeled: Optional[Sequence[str]] = None) -> List[Cell]:
+         seeds: Optional[Sequence[int]] = None, unlabeled: Optional[Sequence[str]] = None,
+         archs: Optional[Sequence[str]] = None) -> List[Cell]:
     """Cells of the config, optionally restricted (filters must name values of the config)."""
     def pick(values, want, what):
         if want is None:
@@ -113,7 +151,8 @@ def grid(cfg: BenchConfig, attacks: Optional[Sequence[str]] = None, defenses: Op
             raise ConfigError(f"--{what} {bad[0]!r} is not in the config's {what} ({', '.join(map(str, values))})")
         return [v for v in values if v in want]
 
-    return [Cell(a, d, u, s) for a in pick(cfg.attacks, attacks, "attacks") for s in pick(cfg.seeds, seeds, "seeds")
+    return [Cell(m, a, d, u, s) for m in pick(list(cfg.archs), archs, "archs")
+            for a in pick(cfg.attacks, attacks, "attacks") for s in pick(cfg.seeds, seeds, "seeds")
             for d in pick(cfg.defenses, defenses, "defenses") for u in pick(cfg.unlabeled, unlabeled, "unlabeled")]
 
 
@@ -155,30 +194,32 @@ class FileLock:
         self.fh.close()
 
 
-def ensure_teacher(cfg: BenchConfig, out: Path, attack_name: str, seed: int, progress: bool = False):
-    """(model, attack, scores) of the backdoored model for (attack, seed), trained once and cached."""
+def ensure_teacher(cfg: BenchConfig, out: Path, arch: str, attack_name: str, seed: int, progress: bool = False):
+    """(model, attack, scores) of the backdoored model for (arch, attack, seed), trained once and cached."""
     from .attacks import create_attack, load_attack
     from .checkpoint import atomic_write_json, load_model, save_model
     from .metrics import attack_scores
     from .models import create_model
 
-    key = f"{attack_name}__s{seed}"
+    key = f"{arch}__{attack_name}__s{seed}"
     final = out / "teachers" / key
     with FileLock(out / "teachers" / f".{key}.lock"):
         if not (final / "scores.json").is_file():
             train, _, test = _split_data(cfg, seed)
             k = train.num_classes or 10
             opts = {"seed": seed, **cfg.attack_options.get(attack_name, {})}
-            attack = create_attack(attack_name, opts, train.shape, k)
+            attack = create_attack(registry_name(attack_name), opts, train.shape, k)
+            entry = cfg.archs[arch]
+            optim = cfg.teacher_optim(arch, attack_name)
             pix = train.images.float() / 255
             mean = tuple(float(v) for v in pix.mean((0, 2, 3)))
             std = tuple(float(v) for v in pix.std((0, 2, 3)))
             del pix
             torch.manual_seed(seed)
-            model = create_model(cfg.arch, k, train.shape, mean=mean, std=std, classes=train.classes,
-                                 **cfg.arch_options)
+            model = create_model(entry.arch, k, train.shape, mean=mean, std=std, classes=train.classes,
+                                 **entry.options)
             t0 = time.time()
-            attack.train(model, train, cfg.teacher, augment_cfg=cfg.teacher_augment, seed=seed, device=cfg.device,
+            attack.train(model, train, optim, augment_cfg=cfg.teacher_augment, seed=seed, device=cfg.device,
                          progress=progress)
             seconds = time.time() - t0
             s = attack_scores(model, test, attack, cfg.device)
@@ -188,7 +229,8 @@ def ensure_teacher(cfg: BenchConfig, out: Path, attack_name: str, seed: int, pro
             save_model(model.cpu(), staging, extra={"attack": attack_name, "seed": seed})
             attack.save(staging)
             atomic_write_json(staging / "scores.json", {**s.as_dict(), "seconds": seconds, "train_images": len(train),
-                                                        "attack": attack.describe(), "teacher": to_dict(cfg.teacher)})
+                                                        "arch": arch, "attack": attack.describe(),
+                                                        "asr_by_class": s.asr_by_class, "teacher": to_dict(optim)})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
     model, _ = load_model(final)
@@ -208,8 +250,8 @@ def source_images(cfg: BenchConfig, out: Path, name: str, seed: int, shape, num_
 
 
 def cell_command(config_path: str, out: Path, cell: Cell) -> str:
-    return (f"bcu bench --config {config_path} --out {out} --attacks {cell.attack} --defenses {cell.defense} "
-            f"--unlabeled {cell.unlabeled} --seeds {cell.seed}")
+    return (f"bcu bench --config {config_path} --out {out} --archs {cell.arch} --attacks {cell.attack} "
+            f"--defenses {cell.defense} --unlabeled {cell.unlabeled} --seeds {cell.seed}")
 
 
 def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress: bool = False) -> Dict[str, Any]:
@@ -219,10 +261,11 @@ def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress
     from .metrics import Scores, attack_scores, der
 
     t0 = time.time()
-    model, attack, before = ensure_teacher(cfg, out, cell.attack, cell.seed, progress)
+    model, attack, before = ensure_teacher(cfg, out, cell.arch, cell.attack, cell.seed, progress)
     _, _, test = _split_data(cfg, cell.seed)
     cls = DEFENSES.get(registry_name(cell.defense))
-    row: Dict[str, Any] = {"attack": cell.attack, "defense": cell.defense, "unlabeled": cell.unlabeled,
+    row: Dict[str, Any] = {"arch": cell.arch, "attack": cell.attack, "defense": cell.defense,
+                           "unlabeled": cell.unlabeled,
                            "seed": cell.seed, "acc_before": before["acc"], "asr_before": before["asr"],
                            "acc": None, "asr": None, "ra": None, "der": None, "seconds": None,
                            "command": cell_command(config_path, out, cell), "status": "ok"}
@@ -241,7 +284,7 @@ def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress
         row["seconds"] = time.time() - t1
         after = attack_scores(result.model, test, attack, cfg.device)
         row.update(acc=after.acc, asr=after.asr, ra=after.ra,
-                   der=der(Scores(before["acc"], before["asr"]), after))
+                   der=der(Scores(before["acc"], before["asr"]), after), asr_by_class=after.asr_by_class)
         row["images"] = len(data) if data is not None else 0
         row["labels_used"] = bool(cls.uses_labels and cls.uses_data)
         row["info"] = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool)) or
@@ -263,13 +306,13 @@ def _worker(args):
 
 
 def _teacher_worker(args):
-    cfg, out, attack, seed = args
-    ensure_teacher(cfg, out, attack, seed)
-    return f"{attack}__s{seed}"
+    cfg, out, arch, attack, seed = args
+    ensure_teacher(cfg, out, arch, attack, seed)
+    return f"{arch}__{attack}__s{seed}"
 
 
 def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", workers: int = 1,
-              threads: Optional[int] = None, attacks=None, defenses=None, seeds=None, unlabeled=None,
+              threads: Optional[int] = None, attacks=None, defenses=None, seeds=None, unlabeled=None, archs=None,
               progress: bool = False, log=print) -> Dict[str, Any]:
     """Run every unfinished cell of the (filtered) grid, then write the aggregated outputs."""
     from .attacks import ATTACKS
@@ -277,14 +320,14 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
 
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    cells = grid(cfg, attacks, defenses, seeds, unlabeled)
-    missing_attacks = sorted({c.attack for c in cells if c.attack not in ATTACKS})
+    cells = grid(cfg, attacks, defenses, seeds, unlabeled, archs)
+    missing_attacks = sorted({c.attack for c in cells if registry_name(c.attack) not in ATTACKS})
     missing_defenses = sorted({c.defense for c in cells if registry_name(c.defense) not in DEFENSES})
     for m in missing_attacks:
         log(f"bench: attack {m!r} is not registered (yet): its cells are not run")
     for m in missing_defenses:
         log(f"bench: defense {m!r} is not registered: its cells are not run")
-    runnable = [c for c in cells if c.attack in ATTACKS and registry_name(c.defense) in DEFENSES]
+    runnable = [c for c in cells if registry_name(c.attack) in ATTACKS and registry_name(c.defense) in DEFENSES]
     todo = [c for c in runnable if not (out / "cells" / f"{c.key}.json").is_file()]
     cached = len(runnable) - len(todo)
     log(f"bench {cfg.name}: {len(cells)} cells, {cached} finished before, {len(todo)} to run, "
@@ -311,8 +354,8 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
 
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
-            pairs = sorted({(c.attack, c.seed) for c in todo})
-            for f in as_completed([pool.submit(_teacher_worker, (cfg, out, a, s)) for a, s in pairs]):
+            triples = sorted({(c.arch, c.attack, c.seed) for c in todo})
+            for f in as_completed([pool.submit(_teacher_worker, (cfg, out, m, a, s)) for m, a, s in triples]):
                 log(f"  teacher {f.result()} ready")
             futs = {pool.submit(_worker, (cfg, out, c, config_path)): c for c in todo}
             for f in as_completed(futs):
@@ -320,7 +363,7 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
                 computed += 1
                 log(f"  [{computed}/{len(todo)}] {futs[f].key} done")
     full = grid(cfg)  # the report covers the whole grid, whatever subset this call ran
-    missing = sorted({c.attack for c in full if c.attack not in ATTACKS}) + \
+    missing = sorted({c.attack for c in full if registry_name(c.attack) not in ATTACKS}) + \
         sorted({c.defense for c in full if registry_name(c.defense) not in DEFENSES})
     rows = collect(out, full)
     write_outputs(out, cfg, rows, full, missing)
@@ -385,57 +428,65 @@ def markdown(cfg: BenchConfig, rows: List[Dict[str, Any]], cells: Sequence[Cell]
     ok = [r for r in rows if r.get("status") == "ok"]
     attacks = [a for a in cfg.attacks if any(r["attack"] == a for r in rows)]
     defenses = [d for d in cfg.defenses if any(r["defense"] == d for r in ok)]
+    archs = [m for m in cfg.archs if any(r.get("arch", m) == m for r in rows)]
     lines = [f"# Benchmark `{cfg.name}`", "",
-             f"{cfg.arch} on {cfg.data}; seeds {', '.join(map(str, sorted({r['seed'] for r in rows})))}; "
+             f"{', '.join(archs) or ', '.join(cfg.archs)} on {cfg.data}; seeds "
+             f"{', '.join(map(str, sorted({r['seed'] for r in rows})))}; "
              f"ACC / ASR in %, mean ± std over seeds; DER = (max(0, ASR drop) - max(0, ACC drop) + 100) / 2.", ""]
-    for u in cfg.unlabeled:
-        sub = [r for r in ok if r["unlabeled"] == u]
-        if not sub:
-            continue
-        ds = [d for d in defenses if any(r["defense"] == d for r in sub)]
-        head = ["Attack", "No defense ACC", "ASR"]
-        for d in ds:
-            head += [f"{d} ACC", "ASR", "DER"]
-        lines += [f"## Unlabeled source: `{u}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for a in attacks:
-            ra = [r for r in sub if r["attack"] == a]
-            if not ra:
+    for m in archs:
+        on_arch = [r for r in ok if r.get("arch", m) == m]
+        where = f"`{m}`, " if len(cfg.archs) > 1 else ""
+        for u in cfg.unlabeled:
+            sub = [r for r in on_arch if r["unlabeled"] == u]
+            if not sub:
                 continue
-            before = {r["seed"]: (r["acc_before"], r["asr_before"]) for r in ra}
-            cells_ = [a, _pm([v[0] for v in before.values()]), _pm([v[1] for v in before.values()])]
+            ds = [d for d in defenses if any(r["defense"] == d for r in sub)]
+            head = ["Attack", "No defense ACC", "ASR"]
             for d in ds:
-                rd = [r for r in ra if r["defense"] == d]
-                cells_ += [_pm([r["acc"] for r in rd]), _pm([r["asr"] for r in rd]), _pm([r["der"] for r in rd])]
-            lines.append("| " + " | ".join(cells_) + " |")
-        lines.append("")
-        lines += summary(sub, attacks, ds)
-    if len(cfg.unlabeled) > 1:
-        head = ["Attack", "Defense"] + [f"{u} ACC / ASR" for u in cfg.unlabeled]
-        lines += ["## By unlabeled source", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for a in attacks:
-            for d in defenses:
-                vals = []
-                for u in cfg.unlabeled:
-                    rr = [r for r in rows if r["attack"] == a and r["defense"] == d and r["unlabeled"] == u]
-                    okr = [r for r in rr if r.get("status") == "ok"]
-                    if okr:
-                        vals.append(f"{_pm([r['acc'] for r in okr])} / {_pm([r['asr'] for r in okr])}")
-                    else:
-                        vals.append("n/a (needs labels)" if rr else "not run")
-                lines.append("| " + " | ".join([a, d] + vals) + " |")
-        lines.append("")
-    done = {(r["attack"], r["defense"], r["unlabeled"], r["seed"]) for r in rows}
-    pending = [c for c in cells if (c.attack, c.defense, c.unlabeled, c.seed) not in done]
+                head += [f"{d} ACC", "ASR", "DER"]
+            lines += [f"## {where}unlabeled source: `{u}`", "", "| " + " | ".join(head) + " |",
+                      "|" + "---|" * len(head)]
+            for a in attacks:
+                ra = [r for r in sub if r["attack"] == a]
+                if not ra:
+                    continue
+                before = {r["seed"]: (r["acc_before"], r["asr_before"]) for r in ra}
+                cells_ = [a, _pm([v[0] for v in before.values()]), _pm([v[1] for v in before.values()])]
+                for d in ds:
+                    rd = [r for r in ra if r["defense"] == d]
+                    cells_ += [_pm([r["acc"] for r in rd]), _pm([r["asr"] for r in rd]), _pm([r["der"] for r in rd])]
+                lines.append("| " + " | ".join(cells_) + " |")
+            lines.append("")
+            lines += summary(sub, attacks, ds)
+        if len(cfg.unlabeled) > 1:
+            head = ["Attack", "Defense"] + [f"{u} ACC / ASR" for u in cfg.unlabeled]
+            lines += [f"## {where}by unlabeled source", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for a in attacks:
+                for d in defenses:
+                    vals = []
+                    for u in cfg.unlabeled:
+                        rr = [r for r in rows if r.get("arch", m) == m and r["attack"] == a and r["defense"] == d
+                              and r["unlabeled"] == u]
+                        okr = [r for r in rr if r.get("status") == "ok"]
+                        if okr:
+                            vals.append(f"{_pm([r['acc'] for r in okr])} / {_pm([r['asr'] for r in okr])}")
+                        else:
+                            vals.append("n/a (needs labels)" if rr else "not run")
+                    lines.append("| " + " | ".join([a, d] + vals) + " |")
+            lines.append("")
+    done = {(r.get("arch"), r["attack"], r["defense"], r["unlabeled"], r["seed"]) for r in rows}
+    pending = [c for c in cells if (c.arch, c.attack, c.defense, c.unlabeled, c.seed) not in done]
     skipped = [r for r in rows if r.get("status") != "ok"]
     if pending or skipped or missing:
         lines += ["## Not run", ""]
-        for m in missing:
-            lines.append(f"- `{m}` is not registered in this bcu version: its cells were not run.")
+        for name in missing:
+            lines.append(f"- `{name}` is not registered in this bcu version: its cells were not run.")
         if pending:
             lines.append(f"- {len(pending)} of {len(cells)} cells have no result yet: "
                          + ", ".join(f"`{c.key}`" for c in pending[:40]) + (" ..." if len(pending) > 40 else ""))
         for r in skipped:
-            lines.append(f"- `{r['attack']}/{r['defense']}/{r['unlabeled']}/s{r['seed']}`: {r.get('reason', r['status'])}")
+            lines.append(f"- `{r.get('arch')}/{r['attack']}/{r['defense']}/{r['unlabeled']}/s{r['seed']}`: "
+                         f"{r.get('reason', r['status'])}")
         lines.append("")
     return "\n".join(lines)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -25,6 +25,9 @@ class SIGConfig(AttackConfig):
                 "40; Barni et al. 2019 used 20 on MNIST)"})
     frequency: float = field(default=6.0, metadata={
         "help": "periods of the sinusoid across the image width (Barni et al. 2019 and BackdoorBench: f=6)"})
+    orientation: Literal["horizontal", "vertical"] = field(default="horizontal", metadata={
+        "help": "horizontal: the signal varies along the columns, v(i, j) = delta sin(2 pi j f / m) (paper); "
+                "vertical: along the rows"})
     test_delta: Optional[float] = field(default=60.0, metadata={
         "help": "amplitude of the test-time signal on the 0-255 scale (None: delta). Barni et al. show that a "
                 "stronger test signal raises ASR; 1.5 x delta by default (docs/attacks.md has the measurements)"})
@@ -36,12 +39,14 @@ class SIGConfig(AttackConfig):
         check(self.test_delta is None or 0 < self.test_delta <= 255, "test_delta must be in (0, 255]")
 
 
-def sinusoid(shape, delta: float, frequency: float) -> torch.Tensor:
-    """The SIG signal of image shape (C, H, W) on the [0, 1] scale: delta/255 * sin(2 pi j f / W)."""
+def sinusoid(shape, delta: float, frequency: float, vertical: bool = False) -> torch.Tensor:
+    """The SIG signal of image shape (C, H, W) on the [0, 1] scale: delta/255 * sin(2 pi j f / W) for
+    column j (``vertical``: row i, period H / f)."""
     c, h, w = shape
-    j = torch.arange(w, dtype=torch.float64)
-    row = (delta / 255.0) * torch.sin(2 * math.pi * j * frequency / w)
-    return row.float().expand(c, h, w).clone()
+    n = h if vertical else w
+    j = torch.arange(n, dtype=torch.float64)
+    wave = ((delta / 255.0) * torch.sin(2 * math.pi * j * frequency / n)).float()
+    return (wave.view(1, n, 1) if vertical else wave.view(1, 1, n)).expand(c, h, w).clone()
 
 
 @ATTACKS.register("sig")
@@ -54,7 +59,8 @@ class SIG(Attack):
     config: SIGConfig
 
     def setup(self) -> None:
-        self.buffers = {"signal": sinusoid(self.image_shape, self.config.delta, self.config.frequency)}
+        self.buffers = {"signal": sinusoid(self.image_shape, self.config.delta, self.config.frequency,
+                                           self.config.orientation == "vertical")}
 
     def _add(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         signal = self.buffers["signal"].to(x.device, x.dtype)

@@ -1,5 +1,5 @@
 """Model zoo: ``create_model(name, ...)`` over a registry, one file per family."""
-from . import cnn, preact_resnet, resnet, vgg  # noqa: F401  (registers the families)
+from . import cnn, mobilenet, preact_resnet, resnet, vgg, vit  # noqa: F401  (registers the families)
 from .registry import MODELS, Classifier, ModelSpec, Normalize, build, create_model, register_model
 
 __all__ = ["MODELS", "Classifier", "ModelSpec", "Normalize", "build", "create_model", "register_model"]
