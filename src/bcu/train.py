@@ -28,13 +28,17 @@ from .progress import progress_bar
 
 @dataclass
 class OptimConfig:
-    """SGD with a learning-rate schedule (defaults: the BCU paper's distillation settings)."""
+    """An optimiser with a learning-rate schedule (defaults: the BCU paper's distillation settings, SGD)."""
 
     epochs: int = field(default=100, metadata={"help": "training epochs"})
     batch_size: int = field(default=256, metadata={"help": "images per step"})
+    optimizer: Literal["sgd", "adam", "adamw"] = field(default="sgd", metadata={
+        "help": "sgd (momentum, nesterov), adam (L2 weight decay added to the gradient) or adamw (decoupled "
+                "weight decay, Loshchilov & Hutter)"})
     lr: float = field(default=0.01, metadata={"help": "initial learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "L2 weight decay"})
+    betas: Tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "Adam/AdamW betas"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
     nesterov: bool = False
     schedule: Literal["cosine", "step", "constant"] = field(default="cosine", metadata={"help": "lr schedule"})
     milestones: Tuple[float, ...] = field(default=(0.5, 0.75), metadata={"help": "step schedule: fractions of epochs"})
@@ -48,6 +52,15 @@ class OptimConfig:
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}")
+
+    def build(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """The configured optimiser over ``params``."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                   nesterov=self.nesterov and self.momentum > 0)
+        cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
 
     def lr_at(self, epoch: int) -> float:
         if self.schedule == "cosine":
@@ -191,8 +204,7 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
     model.to(dev, memory_format=fmt)
     _ordinary_tensors(model)
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
-                          nesterov=optim.nesterov and optim.momentum > 0)
+    opt = optim.build(params)
     history: List[Dict[str, Any]] = []
     start = 0
     state = load_resume(resume_dir) if (resume_dir is not None and main) else None

@@ -37,6 +37,11 @@ class Defense(ABC):
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
 
+    @classmethod
+    def configure(cls, options: Optional[Dict[str, Any]] = None) -> Any:
+        """The method's config from a dict of options (validated)."""
+        return from_dict(cls.Config, options or {})
+
     @abstractmethod
     def run(self, model: nn.Module, data: Optional[ImageSet], *, device: str = "cpu", seed: int = 0,
             progress: Optional[bool] = None, resume_dir: Optional[Path] = None) -> DefenseResult:
@@ -45,7 +50,7 @@ class Defense(ABC):
 
 def create_defense(name: str, config: Optional[Dict[str, Any]] = None) -> Defense:
     cls = DEFENSES.get(name)
-    return cls(from_dict(cls.Config, config or {}))
+    return cls(cls.configure(config))
 
 
 def run_defense(defense: Defense, model: nn.Module, data: Optional[ImageSet], **kw: Any) -> DefenseResult:

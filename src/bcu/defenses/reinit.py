@@ -16,7 +16,7 @@ import copy
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -44,6 +44,12 @@ class ReinitConfig:
     scale: float = field(default=4.0, metadata={
         "help": "multiply every ratio by this, capped at max_ratio (bcu default 4; paper 1)"})
     max_ratio: float = field(default=0.9, metadata={"help": "upper bound of any ratio after scaling (bcu 0.9; paper 1)"})
+    profile: Literal["stages", "depth"] = field(default="stages", metadata={
+        "help": "stages: one ratio per traced stage (the stage vector interpolated onto the model's stage count); "
+                "depth: each body layer's ratio interpolated from the stage vector at its relative depth "
+                "(execution order), so no stage takes only the vector's first value"})
+    uniform: Optional[float] = field(default=None, metadata={
+        "help": "one ratio for every weight layer, stem and head included (replaces the depth profile and scale)"})
     overrides: Dict[str, float] = field(default_factory=dict, metadata={
         "help": "layer-name glob -> ratio, applied last (e.g. {'classifier.*': 1.0})"})
     include_bias: bool = field(default=True, metadata={"help": "re-initialise biases too (paper: yes)"})
@@ -55,6 +61,7 @@ class ReinitConfig:
                         *((f"overrides[{k}]", v) for k, v in self.overrides.items())]:
             check(0.0 <= v <= 1.0, f"reinit ratio {name} must be in [0, 1], got {v}")
         check(len(self.stages) >= 1, "reinit.stages needs at least one ratio")
+        check(self.uniform is None or 0.0 <= self.uniform <= 1.0, f"reinit.uniform must be in [0, 1], got {self.uniform}")
         check(self.scale >= 0, f"reinit.scale must be >= 0, got {self.scale}")
 
 
@@ -185,8 +192,12 @@ def assign_stages(layers: List[LayerInfo], cfg: ReinitConfig) -> List[LayerInfo]
     for i, (g, r) in enumerate(zip(groups, ratios)):
         for l in g:
             l.stage, l.ratio = f"stage{i + 1}", r
+    if cfg.profile == "depth" and body:
+        fine = interpolate_ratios(cfg.stages, len(body)) if len(body) > 1 else [cfg.stages[-1]]
+        for l, r in zip(body, fine):
+            l.ratio = r
     for l in layers:
-        l.ratio = min(cfg.max_ratio, l.ratio * cfg.scale)
+        l.ratio = min(cfg.max_ratio, l.ratio * cfg.scale) if cfg.uniform is None else cfg.uniform
         for pattern, r in cfg.overrides.items():
             if fnmatch.fnmatchcase(l.name, pattern):
                 l.ratio = r

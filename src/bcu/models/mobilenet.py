@@ -6,9 +6,10 @@ convolution; blocks of stride 1 whose input and output widths match add their in
 residual). BatchNorm follows every convolution and ReLU6 every one but the projection.
 
 The block table is the paper's (Table 2), with the strides of the common CIFAR adaptation (the
-stem and the first two stride-2 stages keep the resolution, so a 28x28 or 32x32 image is reduced
-to 7x7 or 8x8, not 1x1). ``width`` scales every width; ``depth`` scales the number of blocks per
-stage (at least one), so the network can be made small enough for a CPU.
+stem and the 24-channel stage keep the resolution, so a 32x32 image ends at 4x4, not 1x1);
+``stem_stride=2`` restores the ImageNet stem, halving the resolution first (4x fewer operations,
+what makes the network affordable on a CPU). ``width`` scales every width; ``depth`` scales the
+number of blocks per stage (at least one).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .registry import register_model
 
 # (expansion t, output channels c, blocks n, stride s) -- the paper's Table 2, CIFAR strides
 BLOCKS: Tuple[Tuple[int, int, int, int], ...] = (
-    (1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1), (6, 320, 1, 1))
+    (1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
 
 def _divisible(v: float, divisor: int = 8, minimum: int = 8) -> int:
@@ -57,10 +58,10 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int, in_channels: int, width: float, depth: float, last_channels: int,
-                 dropout: float) -> None:
+                 dropout: float, stem_stride: int) -> None:
         super().__init__()
         cin = _divisible(32 * width)
-        layers: List[nn.Module] = _conv_bn(in_channels, cin, 3)
+        layers: List[nn.Module] = _conv_bn(in_channels, cin, 3, stem_stride)
         for t, c, n, s in BLOCKS:
             cout = _divisible(c * width)
             for i in range(max(1, math.ceil(n * depth))):
@@ -77,10 +78,12 @@ class MobileNetV2(nn.Module):
 
 @register_model("mobilenetv2")
 def mobilenetv2(num_classes: int = 10, input_shape: Tuple[int, int, int] = (3, 32, 32), width: float = 1.0,
-                depth: float = 1.0, last_channels: int = 1280, dropout: float = 0.0) -> MobileNetV2:
+                depth: float = 1.0, last_channels: int = 1280, dropout: float = 0.0, stem_stride: int = 1) -> MobileNetV2:
     """MobileNetV2 (inverted residuals, depthwise convs); ``width``/``depth`` scale channels/blocks."""
     if not 0 < depth <= 4:
         raise ValueError(f"depth must be in (0, 4], got {depth}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    return MobileNetV2(num_classes, input_shape[0], width, depth, last_channels, dropout)
+    if stem_stride not in (1, 2):
+        raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+    return MobileNetV2(num_classes, input_shape[0], width, depth, last_channels, dropout, stem_stride)
