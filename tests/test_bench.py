@@ -189,6 +189,10 @@ def test_architectures_and_attack_variants(tmp_path):
     assert scores["teacher"]["epochs"] == 2 and len(scores["asr_by_class"]) == 9
     md = (out / "results.md").read_text()
     assert "`narrow`, unlabeled source" in md and "| badnets@line |" in md
+    t = run_bench(cfg, tmp_path / "t", threads=1, archs=["narrow"], teachers_only=True, log=lambda *_: None)
+    assert t["computed"] == 2 and not (tmp_path / "t" / "results.json").exists()
+    assert sorted(p.name for p in (tmp_path / "t" / "teachers").iterdir() if not p.name.startswith(".")) == [
+        "narrow__badnets@line__s0", "narrow__badnets__s0"]
     only = run_bench(cfg, out, config_path=str(path), threads=1, archs=["narrow"], log=lambda *_: None)
     assert only["cells"] == 2 and only["computed"] == 0
     with pytest.raises(ConfigError):

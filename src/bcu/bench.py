@@ -313,8 +313,9 @@ def _teacher_worker(args):
 
 def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", workers: int = 1,
               threads: Optional[int] = None, attacks=None, defenses=None, seeds=None, unlabeled=None, archs=None,
-              progress: bool = False, log=print) -> Dict[str, Any]:
-    """Run every unfinished cell of the (filtered) grid, then write the aggregated outputs."""
+              progress: bool = False, teachers_only: bool = False, log=print) -> Dict[str, Any]:
+    """Run every unfinished cell of the (filtered) grid, then write the aggregated outputs
+    (``teachers_only``: train the grid's backdoored models and stop)."""
     from .attacks import ATTACKS
     from .defenses import DEFENSES
 
@@ -328,6 +329,8 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
     for m in missing_defenses:
         log(f"bench: defense {m!r} is not registered: its cells are not run")
     runnable = [c for c in cells if registry_name(c.attack) in ATTACKS and registry_name(c.defense) in DEFENSES]
+    if teachers_only:
+        return _train_teachers(cfg, out, runnable, workers, threads, log)
     todo = [c for c in runnable if not (out / "cells" / f"{c.key}.json").is_file()]
     cached = len(runnable) - len(todo)
     log(f"bench {cfg.name}: {len(cells)} cells, {cached} finished before, {len(todo)} to run, "
@@ -369,6 +372,31 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
     write_outputs(out, cfg, rows, full, missing)
     return {"cells": len(cells), "computed": computed, "cached": cached, "rows": len(rows),
             "not_runnable": len(cells) - len(runnable), "seconds": time.time() - t0}
+
+
+def _train_teachers(cfg: BenchConfig, out: Path, cells: Sequence[Cell], workers: int, threads: Optional[int],
+                    log) -> Dict[str, Any]:
+    """Train (once) the backdoored model of every (arch, attack, seed) of ``cells``."""
+    t0 = time.time()
+    triples = sorted({(c.arch, c.attack, c.seed) for c in cells})
+    todo = [t for t in triples if not (out / "teachers" / f"{t[0]}__{t[1]}__s{t[2]}" / "scores.json").is_file()]
+    log(f"bench {cfg.name}: {len(triples)} teachers, {len(triples) - len(todo)} trained before, {len(todo)} to train")
+    workers = max(1, int(workers))
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    if workers == 1 or len(todo) <= 1:
+        torch.set_num_threads(threads)
+        for t in todo:
+            log(f"  teacher {_teacher_worker((cfg, out) + t)} ready")
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                 initargs=(threads,)) as pool:
+            for f in as_completed([pool.submit(_teacher_worker, (cfg, out) + t) for t in todo]):
+                log(f"  teacher {f.result()} ready")
+    return {"cells": len(cells), "computed": len(todo), "cached": len(triples) - len(todo), "rows": 0,
+            "not_runnable": 0, "seconds": time.time() - t0}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -459,7 +459,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/bench-{cfg.name}")
     stats = run_bench(cfg, out, config_path=args.config, workers=args.workers, threads=args.threads,
                       attacks=split_(args.attacks), defenses=split_(args.defenses), seeds=seeds,
-                      unlabeled=split_(args.unlabeled), archs=split_(args.archs), progress=bool(args.progress))
+                      unlabeled=split_(args.unlabeled), archs=split_(args.archs), progress=bool(args.progress),
+                      teachers_only=args.teachers_only)
+    if args.teachers_only:
+        print(f"bench: {stats['computed']} teachers trained, {stats['cached']} reused, in {out}/teachers/")
+        return 0
     print(f"bench: {stats['computed']} cells computed, {stats['cached']} reused, {stats['rows']} results in "
           f"{out}/results.md (+ results.json, results.csv, acc_asr.png)")
     return 0
@@ -564,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output folder (default runs/bench-<name>); finished cells there are reused")
     b.add_argument("--workers", type=int, default=1, help="cells in parallel processes (threads = cores / N each)")
     b.add_argument("--archs", help="run only these architectures of the config (comma-separated)")
+    b.add_argument("--teachers-only", action="store_true", help="train the grid's backdoored models, run no defense")
     b.add_argument("--attacks", help="run only these attacks of the config (comma-separated)")
     b.add_argument("--defenses", help="run only these defenses of the config")
     b.add_argument("--seeds", help="run only these seeds of the config")
