@@ -254,8 +254,10 @@ def cell_command(config_path: str, out: Path, cell: Cell) -> str:
             f"--defenses {cell.defense} --unlabeled {cell.unlabeled} --seeds {cell.seed}")
 
 
-def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress: bool = False) -> Dict[str, Any]:
-    """Compute one cell and write its JSON atomically; returns the row."""
+def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress: bool = False,
+             command: Optional[str] = None) -> Dict[str, Any]:
+    """Compute one cell and write its JSON atomically; returns the row (``command``: how to reproduce it,
+    default the ``bcu bench`` call of this one cell)."""
     from .checkpoint import atomic_write_json
     from .defenses import DEFENSES, create_defense, run_defense
     from .metrics import Scores, attack_scores, der
@@ -268,7 +270,7 @@ def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress
                            "unlabeled": cell.unlabeled,
                            "seed": cell.seed, "acc_before": before["acc"], "asr_before": before["asr"],
                            "acc": None, "asr": None, "ra": None, "der": None, "seconds": None,
-                           "command": cell_command(config_path, out, cell), "status": "ok"}
+                           "command": command or cell_command(config_path, out, cell), "status": "ok"}
     data = None
     if cls.uses_data:
         data = source_images(cfg, out, cell.unlabeled, cell.seed, tuple(model.spec.input_shape),
@@ -301,8 +303,8 @@ def _worker_init(threads: int) -> None:
 
 
 def _worker(args):
-    cfg, out, cell, config_path = args
-    return run_cell(cfg, out, cell, config_path)["status"]
+    cfg, out, cell, config_path, command = args
+    return run_cell(cfg, out, cell, config_path, command=command)["status"]
 
 
 def _teacher_worker(args):
@@ -313,9 +315,10 @@ def _teacher_worker(args):
 
 def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", workers: int = 1,
               threads: Optional[int] = None, attacks=None, defenses=None, seeds=None, unlabeled=None, archs=None,
-              progress: bool = False, teachers_only: bool = False, log=print) -> Dict[str, Any]:
+              progress: bool = False, teachers_only: bool = False, command=None, log=print) -> Dict[str, Any]:
     """Run every unfinished cell of the (filtered) grid, then write the aggregated outputs
-    (``teachers_only``: train the grid's backdoored models and stop)."""
+    (``teachers_only``: train the grid's backdoored models and stop; ``command(cell)``: the command line
+    recorded in each row, default :func:`cell_command`)."""
     from .attacks import ATTACKS
     from .defenses import DEFENSES
 
@@ -344,7 +347,7 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
     if workers == 1 or len(todo) <= 1:
         torch.set_num_threads(threads)
         for c in todo:
-            r = run_cell(cfg, out, c, config_path, progress)
+            r = run_cell(cfg, out, c, config_path, progress, command(c) if command else None)
             computed += 1
             log(f"  [{computed}/{len(todo)}] {c.key}: " + (
                 f"ACC {r['acc']:.2f} ASR {r['asr']:.2f} DER {r['der']:.2f} ({r['seconds']:.0f}s)"
@@ -360,7 +363,7 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
             triples = sorted({(c.arch, c.attack, c.seed) for c in todo})
             for f in as_completed([pool.submit(_teacher_worker, (cfg, out, m, a, s)) for m, a, s in triples]):
                 log(f"  teacher {f.result()} ready")
-            futs = {pool.submit(_worker, (cfg, out, c, config_path)): c for c in todo}
+            futs = {pool.submit(_worker, (cfg, out, c, config_path, command(c) if command else None)): c for c in todo}
             for f in as_completed(futs):
                 f.result()
                 computed += 1
