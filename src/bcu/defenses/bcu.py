@@ -23,6 +23,7 @@ from ..config import check, deep_merge, from_dict, to_dict
 from ..data import AugmentConfig, ImageSet, mixup, noise_blend, random_warp, to_float
 from ..errors import ConfigError, DataError
 from ..train import OptimConfig, Step, fit, memory_format_for, predict
+from .adversary import AdversaryConfig, Bank
 from .base import DEFENSES, Defense, DefenseResult
 from .reinit import ReinitConfig, reinitialize
 
@@ -49,28 +50,12 @@ class DistillConfig:
                 "unwarped view, so the student learns to ignore small geometric distortions (0 = off, paper: 0; "
                 "bcu: 0.5, docs/method.md)"})
     warp_grid: int = field(default=4, metadata={"help": "control points per side of the random warp field"})
-    adv_radius: float = field(default=0.0, metadata={
-        "help": "L2 radius (pixels in [0, 1]) of a bank of universal perturbations that is trained *against* the "
-                "student while it learns: each is moved by gradient ascent on the distillation loss after every "
-                "step (free universal adversarial training, Shafahi et al. 2020) and added to the student's view of "
-                "adv_fraction of each batch, the teacher answering for the clean view. A backdoor the student still "
-                "carries is the easiest universal perturbation to find, so the student is taught to ignore it "
-                "(0 = off; needs no labels and no trigger)"})
-    adv_fraction: float = field(default=0.5, metadata={"help": "share of each batch that gets a universal perturbation"})
-    adv_bank: int = field(default=8, metadata={"help": "number of universal perturbations trained side by side"})
-    adv_step: float = field(default=0.1, metadata={
-        "help": "ascent step of a universal perturbation, as a fraction of adv_radius (normalised gradient)"})
-
     def __post_init__(self) -> None:
         check(self.t_start > 0 and self.t_end > 0, "temperatures must be > 0")
         check(self.mixup_alpha >= 0, f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
         check(0 <= self.noise_blend <= 1, f"noise_blend must be in [0, 1], got {self.noise_blend}")
         check(self.warp >= 0, f"warp must be >= 0, got {self.warp}")
         check(self.warp_grid >= 2, f"warp_grid must be >= 2, got {self.warp_grid}")
-        check(self.adv_radius >= 0, f"adv_radius must be >= 0, got {self.adv_radius}")
-        check(0 < self.adv_fraction <= 1, f"adv_fraction must be in (0, 1], got {self.adv_fraction}")
-        check(1 <= self.adv_bank <= 1024, f"adv_bank must be in 1..1024, got {self.adv_bank}")
-        check(0 < self.adv_step <= 1, f"adv_step must be in (0, 1], got {self.adv_step}")
 
     def temperature(self, epoch: int, epochs: int) -> float:
         return self.t_start + (self.t_end - self.t_start) * (epoch + 1) / epochs
@@ -102,6 +87,7 @@ class CleanseConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     stop: StopConfig = field(default_factory=StopConfig)
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
     seed: int = field(default=0, metadata={"help": "seed of masks, shuffling and augmentation"})
 
 
@@ -111,11 +97,12 @@ PAPER: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 1.0, "max_ratio": 1.0,
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": False, "mixup_alpha": 0.0, "noise_blend": 0.0,
-                "warp": 0.0, "adv_radius": 0.0},
+                "warp": 0.0},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
               "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
     "stop": {"rule": "none"},
+    "adversary": {"kind": "none"},
 }
 
 # bcu's defaults are the dataclass defaults, chosen from the measurements in docs/method.md: on
@@ -132,11 +119,12 @@ V1: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 4.0, "max_ratio": 0.9,
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": True, "mixup_alpha": 0.0, "noise_blend": 0.2,
-                "warp": 0.5, "warp_grid": 4, "adv_radius": 0.0},
+                "warp": 0.5, "warp_grid": 4},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
               "weight_decay": 5e-4, "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
     "stop": {"rule": "none"},
+    "adversary": {"kind": "none"},
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {"paper": PAPER, "default": DEFAULT, "v1": V1}
@@ -149,63 +137,21 @@ def preset(name: str = "default", overrides: Optional[Dict[str, Any]] = None) ->
     return from_dict(CleanseConfig, deep_merge(PRESETS[name], overrides or {}))
 
 
-class UniversalBank:
-    """Universal additive perturbations trained by gradient ascent on the student's loss, one step after
-    every training step, from the gradient that the training step's own backward pass leaves on them
-    (no extra forward or backward pass). Each is kept in the L2 ball of ``radius``."""
-
-    def __init__(self, n: int, shape: Tuple[int, ...], radius: float, step: float, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        d = torch.randn(n, *shape, generator=g)
-        self.delta = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * len(shape)) * (0.1 * radius)
-        self.radius, self.step = radius, step
-        self._pending: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-
-    def _ascend(self) -> None:
-        if self._pending is None:
-            return
-        idx, grad = self._pending
-        self._pending = None
-        g = torch.zeros_like(self.delta).index_add_(0, idx, grad.to(self.delta))
-        norm = g.flatten(1).norm(dim=1)
-        moved = norm > 0
-        shape = (-1,) + (1,) * (g.dim() - 1)
-        d = self.delta + torch.where(moved.view(shape), g / norm.clamp_min(1e-12).view(shape), 0) * (
-            self.step * self.radius)
-        self.delta = d * (self.radius / d.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0).view(shape)
-
-    def apply(self, x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``x`` with a random perturbation of the bank added to its first ``n`` images (clamped to [0, 1])."""
-        self._ascend()
-        if n <= 0:
-            return x
-        idx = torch.randint(0, self.delta.shape[0], (n,), generator=generator)
-        pert = self.delta[idx].to(x.device, x.dtype).requires_grad_(True)
-
-        def keep(grad: torch.Tensor) -> None:
-            self._pending = (idx, grad.detach().float().cpu())
-
-        pert.register_hook(keep)
-        return torch.cat([(x[:n] + pert).clamp(0, 1), x[n:]])
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {"delta": self.delta.clone()}
-
-
 class DistillObjective:
     """KL(teacher || student): both see the same (augmented, optionally mixed) view; with ``warp``
     and ``noise_blend`` the student's copy is then randomly warped and blended with random noise,
     the teacher's is not."""
 
-    def __init__(self, teacher: nn.Module, cfg: DistillConfig, image_shape: Optional[Tuple[int, ...]] = None,
-                 seed: int = 0) -> None:
+    def __init__(self, teacher: nn.Module, cfg: DistillConfig, adversary: Optional[AdversaryConfig] = None,
+                 image_shape: Optional[Tuple[int, int, int]] = None, seed: int = 0) -> None:
         self.teacher = teacher
         self.cfg = cfg
-        self.bank = None
-        if cfg.adv_radius > 0:
+        self.adversary = adversary
+        self.bank: Optional[Bank] = None
+        if adversary is not None and adversary.kind != "none":
             if image_shape is None:
-                raise ConfigError("adv_radius needs the image shape")
-            self.bank = UniversalBank(cfg.adv_bank, tuple(image_shape), cfg.adv_radius, cfg.adv_step, seed + 11)
+                raise ConfigError("the adversary needs the image shape")
+            self.bank = Bank(adversary, tuple(image_shape), seed + 11)
 
     def __call__(self, student: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], step: Step):
         if y is not None:  # defensive: the loop is run with with_labels=False
@@ -219,7 +165,7 @@ class DistillObjective:
         x = random_warp(x, self.cfg.warp, self.cfg.warp_grid, step.generator)  # the student's view only
         x = noise_blend(x, self.cfg.noise_blend, step.generator)  # 0 = unchanged
         if self.bank is not None:
-            x = self.bank.apply(x, int(round(self.cfg.adv_fraction * x.shape[0])), step.generator)
+            x = self.bank.apply(x, int(round(self.adversary.fraction * x.shape[0])), step.generator)
         s_logits = student(x).float()
         loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean",
                         log_target=True)
@@ -348,7 +294,7 @@ class Cleanser:
         monitor = Monitor(teacher, data.images[mon_idx.sort().values], cfg.stop, device)
         history: List[Dict[str, Any]] = []
         if distill:
-            history = fit(student, train, DistillObjective(teacher, cfg.distill, shape, cfg.seed), cfg.optim,
+            history = fit(student, train, DistillObjective(teacher, cfg.distill, cfg.adversary, shape, cfg.seed), cfg.optim,
                           augment_cfg=cfg.augment, seed=cfg.seed, device=device, with_labels=False,
                           epoch_hook=monitor, resume_dir=resume_dir, desc="cleanse", progress=progress)
         student.eval()
