@@ -335,3 +335,33 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, devi
     if not out:
         return torch.empty(0)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> int:
+    """Re-estimate every BatchNorm's running statistics on ``images`` (uint8 or float [0, 1]) as a
+    cumulative average over one pass in train mode (parameters untouched); returns how many layers."""
+    from .data import to_float
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    saved = [m.momentum for m in bns]
+    was = model.training
+    dev = torch.device(device)
+    fmt = memory_format_for(model, None)
+    model.to(dev, memory_format=fmt)
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for s in range(0, images.shape[0], batch_size):
+            x = to_float(images[s:s + batch_size].to(dev))
+            if x.shape[0] > 1:
+                model(x.contiguous(memory_format=fmt))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was)
+    return len(bns)

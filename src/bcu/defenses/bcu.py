@@ -22,7 +22,7 @@ from torch import nn
 from ..config import check, deep_merge, from_dict, to_dict
 from ..data import AugmentConfig, ImageSet, mixup, noise_blend, random_warp, to_float
 from ..errors import ConfigError, DataError
-from ..train import OptimConfig, Step, fit, memory_format_for, predict
+from ..train import OptimConfig, Step, fit, memory_format_for, predict, recalibrate_batchnorm
 from .adversary import AdversaryConfig, Bank
 from .base import DEFENSES, Defense, DefenseResult
 from .reinit import ReinitConfig, reinitialize
@@ -50,6 +50,9 @@ class DistillConfig:
                 "unwarped view, so the student learns to ignore small geometric distortions (0 = off, paper: 0; "
                 "bcu: 0.5, docs/method.md)"})
     warp_grid: int = field(default=4, metadata={"help": "control points per side of the random warp field"})
+    recalibrate_bn: bool = field(default=False, metadata={
+        "help": "after distillation, re-estimate the student's BatchNorm statistics on the clean unlabeled images "
+                "(the training batches carry the student's perturbed views; paper: no)"})
     def __post_init__(self) -> None:
         check(self.t_start > 0 and self.t_end > 0, "temperatures must be > 0")
         check(self.mixup_alpha >= 0, f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
@@ -97,7 +100,7 @@ PAPER: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 1.0, "max_ratio": 1.0,
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": False, "mixup_alpha": 0.0, "noise_blend": 0.0,
-                "warp": 0.0},
+                "warp": 0.0, "recalibrate_bn": False},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
               "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
@@ -119,7 +122,7 @@ V1: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 4.0, "max_ratio": 0.9,
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": True, "mixup_alpha": 0.0, "noise_blend": 0.2,
-                "warp": 0.5, "warp_grid": 4},
+                "warp": 0.5, "warp_grid": 4, "recalibrate_bn": False},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
               "weight_decay": 5e-4, "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
@@ -297,6 +300,9 @@ class Cleanser:
             history = fit(student, train, DistillObjective(teacher, cfg.distill, cfg.adversary, shape, cfg.seed), cfg.optim,
                           augment_cfg=cfg.augment, seed=cfg.seed, device=device, with_labels=False,
                           epoch_hook=monitor, resume_dir=resume_dir, desc="cleanse", progress=progress)
+        if distill and cfg.distill.recalibrate_bn:
+            clean = train.images[torch.arange(min(len(train), 10_000))]  # at most 10,000: statistics converge
+            recalibrate_batchnorm(student, clean, cfg.optim.batch_size, device)
         student.eval()
         info = {"layers": [l.as_dict() for l in layers], "config": to_dict(cfg),
                 "epochs_run": len(history), "stopped_early": len(history) < cfg.optim.epochs and distill,
