@@ -50,6 +50,8 @@ class DistillConfig:
                 "unwarped view, so the student learns to ignore small geometric distortions (0 = off, paper: 0; "
                 "bcu: 0.5, docs/method.md)"})
     warp_grid: int = field(default=4, metadata={"help": "control points per side of the random warp field"})
+    clean_fraction: float = field(default=0.0, metadata={
+        "help": "share of each batch that the student sees exactly as the teacher does (no warp, noise or adversary)"})
     recalibrate_bn: bool = field(default=False, metadata={
         "help": "after distillation, re-estimate the student's BatchNorm statistics on the clean unlabeled images "
                 "(the training batches carry the student's perturbed views; paper: no)"})
@@ -59,6 +61,7 @@ class DistillConfig:
         check(0 <= self.noise_blend <= 1, f"noise_blend must be in [0, 1], got {self.noise_blend}")
         check(self.warp >= 0, f"warp must be >= 0, got {self.warp}")
         check(self.warp_grid >= 2, f"warp_grid must be >= 2, got {self.warp_grid}")
+        check(0 <= self.clean_fraction < 1, f"clean_fraction must be in [0, 1), got {self.clean_fraction}")
 
     def temperature(self, epoch: int, epochs: int) -> float:
         return self.t_start + (self.t_end - self.t_start) * (epoch + 1) / epochs
@@ -100,7 +103,7 @@ PAPER: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 1.0, "max_ratio": 1.0,
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": False, "mixup_alpha": 0.0, "noise_blend": 0.0,
-                "warp": 0.0, "recalibrate_bn": False},
+                "warp": 0.0, "clean_fraction": 0.0, "recalibrate_bn": False},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
               "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
@@ -122,7 +125,7 @@ V1: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 4.0, "max_ratio": 0.9,
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": True, "mixup_alpha": 0.0, "noise_blend": 0.2,
-                "warp": 0.5, "warp_grid": 4, "recalibrate_bn": False},
+                "warp": 0.5, "warp_grid": 4, "clean_fraction": 0.0, "recalibrate_bn": False},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
               "weight_decay": 5e-4, "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
@@ -165,10 +168,13 @@ class DistillObjective:
         with torch.inference_mode():
             t_logits = self.teacher(x).float()
         t_logits = t_logits.clone()  # an ordinary tensor again: autograd may save it for the backward pass
-        x = random_warp(x, self.cfg.warp, self.cfg.warp_grid, step.generator)  # the student's view only
-        x = noise_blend(x, self.cfg.noise_blend, step.generator)  # 0 = unchanged
+        keep = int(round(self.cfg.clean_fraction * x.shape[0]))  # the last `keep` images: the teacher's view
+        head, clean = x[:x.shape[0] - keep], x[x.shape[0] - keep:]
+        head = random_warp(head, self.cfg.warp, self.cfg.warp_grid, step.generator)  # the student's view only
+        head = noise_blend(head, self.cfg.noise_blend, step.generator)  # 0 = unchanged
         if self.bank is not None:
-            x = self.bank.apply(x, int(round(self.adversary.fraction * x.shape[0])), step.generator)
+            head = self.bank.apply(head, int(round(self.adversary.fraction * x.shape[0])), step.generator)
+        x = torch.cat([head, clean]) if keep else head
         s_logits = student(x).float()
         loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean",
                         log_target=True)
