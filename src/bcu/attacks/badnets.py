@@ -8,6 +8,7 @@ import torch
 
 from ..config import check
 from .base import ATTACKS, Attack, AttackConfig
+from .. import seeding
 
 
 @dataclass
@@ -42,7 +43,7 @@ class BadNets(Attack):
         elif self.config.pattern == "white":
             patch = torch.ones(c, p, p)
         else:
-            patch = torch.rand(c, p, p, generator=torch.Generator().manual_seed(self.config.seed))
+            patch = torch.rand(c, p, p, generator=seeding.generator(self.config.seed))
         top = {"bottom-right": h - m - p, "bottom-left": h - m - p, "top-left": m, "top-right": m,
                "center": (h - p) // 2}[self.config.location]
         left = {"bottom-right": w - m - p, "top-right": w - m - p, "top-left": m, "bottom-left": m,

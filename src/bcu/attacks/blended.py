@@ -9,6 +9,7 @@ import torch
 
 from ..config import check
 from .base import ATTACKS, Attack, AttackConfig
+from .. import seeding
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Blended(Attack):
             arr = read_image(Path(self.config.pattern_image), c, (h, w))
             pattern = torch.from_numpy(arr).float() / 255
         else:
-            pattern = torch.rand(c, h, w, generator=torch.Generator().manual_seed(self.config.seed))
+            pattern = torch.rand(c, h, w, generator=seeding.generator(self.config.seed))
         self.buffers = {"pattern": pattern}
         self.training_alpha = self.config.alpha
 
