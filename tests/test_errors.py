@@ -750,3 +750,14 @@ def test_every_message_is_capped(cli, tmp_path, model_dir, npz):
     long_value = "v" * 100_000
     rc, _, line = _cleanse(cli, model_dir, npz, out, "--set", f"stop.rule={long_value}")
     assert rc == 2 and len(line) <= len("bcu: error: ") + 1001
+
+
+@pytest.mark.parametrize("raw", [b"(inumpy\nndarray\n.", b"\x80\x02cnumpy\ndtype\n)\x81."])
+def test_cifar_pickle_that_builds_objects(cli, tmp_path, model_dir, raw):
+    """INST/OBJ/NEWOBJ are refused outright by bcu's CIFAR unpickler (they call constructors)."""
+    d = tmp_path / "cifar"
+    d.mkdir()
+    for name in ("data_batch_1", "test_batch"):
+        (d / name).write_bytes(raw)
+    rc, _, line = cli("evaluate", "--model", model_dir, "--data", d)
+    assert rc == 4 and "refusing to build objects (OBJ/INST/NEWOBJ)" in line

@@ -224,7 +224,7 @@ class _NumpyOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         self.limit = limit
         self.dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
         for op in (pickle.OBJ, pickle.INST, pickle.NEWOBJ, pickle.NEWOBJ_EX):
-            self.dispatch[op[0]] = self._refuse_opcode
+            self.dispatch[op[0]] = type(self)._refuse_opcode
         self.dispatch[pickle.REDUCE[0]] = type(self)._load_reduce
 
     def _refuse_opcode(self) -> None:
