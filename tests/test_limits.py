@@ -27,6 +27,7 @@ import torch
 from bcu.checkpoint import save_model
 from bcu.models import create_model
 
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX: FIFOs, links, fork, umask")
 LIMIT_BYTES = 3 << 30      # address space of each case (torch alone maps ~0.7 GB)
 EXTRA_RSS_MB = 400         # peak memory a case may add on top of the runner's own
 ALARM_S = 30

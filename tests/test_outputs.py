@@ -22,6 +22,7 @@ import pytest
 from bcu.cli import main
 from bcu.data import make_synthetic
 
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX: FIFOs, links, fork, umask")
 QUICK = ["--epochs", "1", "--batch-size", "16", "--threads", "1", "--no-progress"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BCU_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
 
