@@ -57,7 +57,7 @@ def test_torchrun_two_processes_cleanse(tmp_path: Path):
 
 
 WORKER = r'''
-import json, sys, torch
+import json, os, sys, torch
 torch.set_num_threads(1)
 from bcu import dist
 from bcu.data import ImageSet
@@ -81,10 +81,14 @@ model = create_model("cnn-small", 10, (1, 28, 28))
 hist = fit(model, ImageSet(imgs), objective, OptimConfig(epochs=2, batch_size=20, lr=0.05), seed=5,
            with_labels=False, progress=False)
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-json.dump({"rank": dist.rank(), "world": dist.world_size(), "seen": seen, "param_sum": float(flat.double().sum()),
-           "param_head": flat[:50].tolist(), "loss": [h["loss"] for h in hist]},
-          open(sys.argv[1] + f"/rank{dist.rank()}.json", "w"))
+result = {"rank": dist.rank(), "world": dist.world_size(), "seen": seen, "param_sum": float(flat.double().sum()),
+          "param_head": flat[:50].tolist(), "loss": [h["loss"] for h in hist]}
 dist.shutdown()
+# what is still running once the process group is torn down (Linux names its threads in /proc)
+tasks = "/proc/self/task"
+result["threads_after_shutdown"] = sorted(open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)) \
+    if os.path.isdir(tasks) else []
+json.dump(result, open(sys.argv[1] + f"/rank{result['rank']}.json", "w"))
 '''
 
 
@@ -104,3 +108,24 @@ def test_ranks_share_each_epoch_and_stay_in_sync(tmp_path: Path):
     assert r0["seen"][:7] != r0["seen"][7:]  # a new permutation each epoch
     assert r0["param_head"] == r1["param_head"] and r0["param_sum"] == r1["param_sum"]  # DDP kept them equal
     assert r0["loss"] == r1["loss"]  # metrics are reduced over both ranks
+
+
+def test_shutdown_leaves_no_thread_of_the_process_group_running(tmp_path: Path):
+    """Issue 14, finding 13: one fresh-clone `make test` in seven, rank 1 aborted at exit
+    ("terminate called without an active exception", SIGABRT; torchrun then SIGTERMs rank 0).
+    A core dump showed why: a gloo worker thread destroying a finished broadcast released a
+    Python-owned tensor while the main thread was in Py_FinalizeEx; it could not take the GIL and
+    the thread exit unwound through C++ into std::terminate. The thread was still there because
+    the process group survived destroy_process_group: DistributedDataParallel imports torch._dynamo,
+    and imported after init_process_group that import keeps a reference to the group. bcu.dist now
+    imports it before init and tears down in order (barrier, collect the DDP wrapper, destroy),
+    so gloo joins its threads while the interpreter is fully alive. This checks the deterministic
+    half of the race: after dist.shutdown() no gloo thread is left to race the interpreter."""
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs Linux thread names")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, tmp_path)
+    for i in (0, 1):
+        threads = json.loads((tmp_path / f"rank{i}.json").read_text())["threads_after_shutdown"]
+        assert not [t for t in threads if "gloo" in t], threads

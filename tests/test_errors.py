@@ -534,3 +534,230 @@ def test_real_executable_prints_one_line(tmp_path, model_dir):
                        timeout=120)
     assert p.returncode == 3 and p.stdout == ""
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("bcu: error: ") and "not a valid safetensors" in p.stderr
+
+
+# -------------------------------------------------------------------------------------------------
+# issue 14, finding 11: each of these ended in a traceback; now one line and its exit code
+
+
+def _cifar(d: Path, batch: dict, meta: dict = None) -> Path:
+    import pickle
+
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "data_batch_1", "wb") as fh:
+        pickle.dump(batch, fh, protocol=2)
+    with open(d / "test_batch", "wb") as fh:
+        pickle.dump(batch, fh, protocol=2)
+    if meta is not None:
+        with open(d / "batches.meta", "wb") as fh:
+            pickle.dump(meta, fh, protocol=2)
+    return d
+
+
+def _self_referencing_list():
+    x = []
+    x.append(x)
+    return x
+
+
+GOOD_DATA = np.zeros((4, 3072), np.uint8)
+
+
+@pytest.mark.parametrize("name,batch,meta,expect", [
+    ("ragged", {b"data": [[0] * 3072, [0] * 100], b"labels": [0, 1]}, None, "'data' must be a uint8 array"),
+    ("self-referencing", {b"data": _self_referencing_list(), b"labels": [0]}, None, "'data' must be a uint8 array"),
+    ("label_names: 5", {b"data": GOOD_DATA, b"labels": [0, 1, 2, 3]}, {b"label_names": 5},
+     "label names must be a list of short texts"),
+    ("labels of the wrong type", {b"data": GOOD_DATA, b"labels": ["a", "b", "c", "d"]}, None,
+     "labels must be a list of 4 integers"),
+    ("labels: a number", {b"data": GOOD_DATA, b"labels": 7}, None, "labels must be a list of 4 integers"),
+])
+def test_malformed_cifar_batches(cli, tmp_path, model_dir, name, batch, meta, expect):
+    d = _cifar(tmp_path / "cifar", batch, meta)
+    rc, _, line = cli("evaluate", "--model", model_dir, "--data", d, "--split", "train")
+    assert rc == 4 and expect in line
+
+
+def test_idx_dimensions_whose_product_overflows(cli, tmp_path, model_dir):
+    import struct
+
+    d = tmp_path / "idx"
+    d.mkdir()
+    (d / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 2**32 - 1, 2**32 - 1,
+                                                                                     2**32 - 1) + b"\0" * 64)
+    out = tmp_path / "o"
+    rc, _, line = _cleanse(cli, model_dir, d, out)
+    assert rc == 4 and "more than the file can hold" in line and no_output(out)
+
+
+def test_npz_with_a_scalar_x_under_stream(cli, tmp_path, model_dir):
+    f = tmp_path / "s.npz"
+    np.savez(f, x=np.uint8(3))
+    out = tmp_path / "o"
+    for extra in ([], ["--stream"]):
+        rc, _, line = _cleanse(cli, model_dir, f, out, *extra)
+        assert rc == 4 and "expected images of shape" in line and no_output(out)
+
+
+def _edit_sidecar(d: Path, raw: str = None, **changes) -> None:
+    side = json.loads((d / "model.json").read_text())
+    side.pop("sha256", None)
+    side.update(changes)
+    (d / "model.json").write_text(raw if raw is not None else json.dumps(side))
+
+
+@pytest.mark.parametrize("what,edit,expect", [
+    ("nested 100,000 deep", {"raw": "[" * 100_000 + "]" * 100_000}, "nested too deeply"),
+    ("a 5,000-digit integer", {"raw": '{"arch": "cnn-small", "num_classes": ' + "9" * 5000 + "}"}, "is not valid JSON"),
+    ("a 4,000-digit integer", {"raw": '{"arch": "cnn-small", "num_classes": ' + "9" * 4000 + "}"},
+     "expected an integer in [-2^63, 2^63 - 1]"),
+    ("hidden: -1", {"kwargs": {"hidden": -1}}, "cannot build 'cnn-small'"),
+    ("width: 1e300", {"kwargs": {"width": 1e300}}, "cannot build 'cnn-small'"),
+    ("kwargs: 5", {"kwargs": 5}, "kwargs: expected a table"),
+    ("input_shape: abc", {"input_shape": "abc"}, "input_shape"),
+])
+def test_malformed_sidecars(cli, tmp_path, model_dir, what, edit, expect):
+    d = _copy(model_dir, tmp_path / "m")
+    _edit_sidecar(d, **edit)
+    rc, _, line = cli("verify", d)
+    assert rc == 3 and expect in line
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from bcu.attacks import create_attack
+
+    d = tmp_path_factory.mktemp("artifact")
+    create_attack("badnets", {}, (1, 28, 28), 10).save(d)
+    return d
+
+
+@pytest.mark.parametrize("what,raw,expect", [
+    ("nested 100,000 deep", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("a 5,000-digit integer", '{"name": "badnets", "num_classes": ' + "7" * 5000 + ', "image_shape": [1, 28, 28]}',
+     "is not valid JSON"),
+    ("image_shape: abc", '{"name": "badnets", "num_classes": 10, "image_shape": "abc"}', "image_shape"),
+    ("image_shape of huge ints", '{"name": "badnets", "num_classes": 10, "image_shape": [1, 1e300, 28]}',
+     "image_shape"),
+    ("config: a list", '{"name": "badnets", "num_classes": 10, "image_shape": [1, 28, 28], "config": [1]}',
+     "config"),
+])
+def test_malformed_attack_artifacts(cli, tmp_path, model_dir, artifact, what, raw, expect):
+    d = _copy(artifact, tmp_path / "a")
+    (d / "attack.json").write_text(raw)
+    rc, _, line = cli("evaluate", "--model", model_dir, "--data", "synthetic:200", "--attack", d)
+    assert rc == 4 and expect in line
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--seed", "99999999999999999999"], "argument --seed: expected an integer in [-2^63, 2^63 - 1]"),
+    (["--set", f"seed={2**64}"], "seed: expected an integer in [-2^63, 2^63 - 1]"),
+    (["--set", f"reinit.seed={2**63}"], "reinit.seed: expected an integer in [-2^63, 2^63 - 1]"),
+    (["--threads", "-1"], "--threads must be a number of threads in [1, 4096], got -1"),
+    (["--threads", "0"], "--threads must be a number of threads in [1, 4096], got 0"),
+    (["--device", "foo"], "--device 'foo': not a device"),
+    (["--device", "meta"], "--device 'meta': bcu runs on cpu or cuda devices, not meta"),
+    (["--device", "mps"], "--device 'mps': bcu runs on cpu or cuda devices, not mps"),
+    (["--lr", "1e308"], "optim.lr: expected a number in [-1e12, 1e12]"),
+    (["--set", "optim.weight_decay=1e300"], "optim.weight_decay: expected a number in [-1e12, 1e12]"),
+    (["--set", "augment.crop_pad=1000000"], "crop_pad must be in [0, 4096], got 1000000"),
+    (["--set", "augment.crop_pad=100"], "augment.crop_pad 100 is larger than the 28x28 images"),
+    (["--set", "optim=3"], "optim: expected a table of options, got 3"),
+    (["--set", "optim.lr=0.1", "--set", "optim=3"], "conflicts with another override"),
+])
+def test_runtime_flags_and_options_out_of_range(cli, tmp_path, model_dir, npz, flags, expect):
+    out = tmp_path / "o"
+    rc, _, line = cli("cleanse", "--model", model_dir, "--data", npz, "--out", out, "--epochs", "1",
+                      "--batch-size", "16", *flags)
+    assert rc == 2 and expect in line and no_output(out)
+
+
+def test_seed_above_int64_in_attack_and_defend(cli, tmp_path, model_dir, npz):
+    for argv in (["attack", "--attack", "badnets", "--data", "synthetic:200", "--holdout", "0"],
+                 ["defend", "--defense", "bcu", "--model", model_dir, "--data", npz]):
+        out = tmp_path / "o"
+        rc, _, line = cli(*argv, "--out", out, "--seed", str(2**70), "--epochs" if argv[0] == "attack" else "--threads",
+                          "1")
+        assert rc == 2 and "--seed: expected an integer" in line and no_output(out)
+
+
+def test_large_valid_seed_trains(cli, tmp_path, model_dir, npz):
+    """A seed near 2^63 is valid; seeds derived from it (seed * 1,000,003 + ...) no longer overflow."""
+    out = tmp_path / "o"
+    rc, _, _ = _cleanse(cli, model_dir, npz, out, "--seed", str(2**63 - 1), expect_error=False)
+    assert rc == 0 and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("preset", ["[x]", "{a: 1}", "5"])
+def test_config_preset_that_is_not_a_name(cli, tmp_path, model_dir, npz, preset):
+    c = tmp_path / "c.yaml"
+    c.write_text(f"preset: {preset}\n")
+    out = tmp_path / "o"
+    rc, _, line = _cleanse(cli, model_dir, npz, out, "--config", c)
+    assert rc == 2 and "unknown preset" in line and no_output(out)
+
+
+def test_batch_size_1_with_batchnorm_on_tiny_inputs(cli, tmp_path):
+    """ResNet-18 on 8x8 images reaches 1x1 in its last stage: a batch of one image gives its
+    BatchNorm one value per channel, which torch refuses mid-training."""
+    out = tmp_path / "o"
+    rc, _, line = cli("attack", "--attack", "badnets", "--arch", "resnet18", "--data", "synthetic:40:3x8x8",
+                      "--holdout", "0", "--out", out, "--epochs", "1", "--batch-size", "1", "--threads", "1",
+                      "--set", "attack.patch_size=2")
+    assert rc == 2 and "batch_size 1 is too small for this model" in line and "BatchNorm" in line and no_output(out)
+
+
+# -------------------------------------------------------------------------------------------------
+# issue 14, finding 12: names of refused pickle classes and image files reach the terminal escaped
+
+ESCAPES = "\x1b]0;owned\x07\x1b]52;c;ZWNobyBvd25lZA==\x07\x1b[2J\u202e"
+
+
+def _assert_clean(line: str) -> None:
+    assert not any(ch in line for ch in "\x1b\x07\u202e"), repr(line)
+    assert "\\x1b" in line and "\\x07" in line
+
+
+def _stack_global(module: str, name: str) -> bytes:
+    """A protocol-4 pickle whose STACK_GLOBAL names any module/name, escapes included."""
+    def u(s: str) -> bytes:
+        b = s.encode()
+        return b"\x8c" + bytes([len(b)]) + b
+    return b"\x80\x04" + u(module) + u(name) + b"\x93" + b")R."
+
+
+def test_refused_pickle_class_names_are_escaped(cli, tmp_path, model_dir):
+    d = tmp_path / "cifar"
+    d.mkdir()
+    (d / "data_batch_1").write_bytes(_stack_global("os" + ESCAPES, "system" + ESCAPES))
+    (d / "test_batch").write_bytes((d / "data_batch_1").read_bytes())
+    rc, _, line = cli("evaluate", "--model", model_dir, "--data", d)
+    assert rc == 4 and "refusing to load" in line
+    _assert_clean(line)
+
+
+def test_image_file_names_are_escaped(cli, tmp_path, model_dir):
+    d = _png_folder(tmp_path / "imgs", 3, "L")
+    (d / f"{ESCAPES}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    out = tmp_path / "o"
+    rc, _, line = _cleanse(cli, model_dir, d, out)
+    assert rc == 4 and "cannot read image" in line and no_output(out)
+    _assert_clean(line)
+
+
+def test_every_message_is_capped(cli, tmp_path, model_dir, npz):
+    out = tmp_path / ("x" * 200) / ("y" * 200) / ("z" * 200) / "o"
+    long_value = "v" * 100_000
+    rc, _, line = _cleanse(cli, model_dir, npz, out, "--set", f"stop.rule={long_value}")
+    assert rc == 2 and len(line) <= len("bcu: error: ") + 1001
+
+
+@pytest.mark.parametrize("raw", [b"(inumpy\nndarray\n.", b"\x80\x02cnumpy\ndtype\n)\x81."])
+def test_cifar_pickle_that_builds_objects(cli, tmp_path, model_dir, raw):
+    """INST/OBJ/NEWOBJ are refused outright by bcu's CIFAR unpickler (they call constructors)."""
+    d = tmp_path / "cifar"
+    d.mkdir()
+    for name in ("data_batch_1", "test_batch"):
+        (d / name).write_bytes(raw)
+    rc, _, line = cli("evaluate", "--model", model_dir, "--data", d)
+    assert rc == 4 and "refusing to build objects (OBJ/INST/NEWOBJ)" in line

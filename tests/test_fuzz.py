@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -282,3 +282,269 @@ def test_streaming_loader(work, case):
         s.images[[0]]  # read one image through the stream
 
     _expect_data_error(run)
+
+
+# -------------------------------------------------------------------------------------------------
+# issue 14, finding 15: the shapes of the hostile files above, for every parser -- only bcu's own
+# error type escapes, and memory stays bounded (peak RSS measured per example on Linux)
+
+import contextlib
+import os
+import pickle
+
+from bcu.attacks import ATTACKS, create_attack, load_attack
+from bcu.data import load_cifar_dir, make_synthetic
+from bcu.stream import load_stream
+from bcu.train import OptimConfig, fit
+
+MEMORY_BUDGET_MB = 400
+FUZZ_SMALL = settings(FUZZ, max_examples=40)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def bounded_memory():
+    """Peak memory added inside the block stays under MEMORY_BUDGET_MB (Linux: the kernel's high-water
+    mark, reset through /proc/self/clear_refs; elsewhere only the exception property is checked)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        start = _status_kb("VmRSS")
+    except OSError:
+        yield
+        return
+    yield
+    grown = (_status_kb("VmHWM") - start) / 1024
+    assert grown < MEMORY_BUDGET_MB, f"peak memory grew by {grown:.0f} MB"
+
+
+def only(error, fn):
+    """Run ``fn``; ``error`` (a BcuError subclass) may escape, nothing else; memory bounded."""
+    with bounded_memory():
+        try:
+            fn()
+        except error:
+            pass
+
+
+def _nested(depth: int) -> list:
+    x: list = []
+    for _ in range(depth):
+        x = [x]
+    return x
+
+
+huge_ints = st.sampled_from([-1, 0, 1, 2, 7, 2**31, 2**32 - 1, 2**63, 2**64, -(2**63) - 1, 10**3999, 10**30])
+hostile = (st.none() | st.booleans() | st.integers(-10**6, 10**6) | huge_ints
+           | st.sampled_from([1e300, -1e308, 1e-300, "abc", "", "1" * 50, [], {}, [3, 32], [1, 1e300, 28],
+                              [1, 28, 28], [3, 100000, 100000], [2**40, 2, 2], {"hidden": -1}, {"hidden": 10**6},
+                              {"width": 1e300}, {"width": 1000}, {"width": "x"}, {"hidden": 64}])
+           | st.integers(1, 200).map(lambda n: _nested(n)))
+
+
+def _json_text(obj) -> str:
+    return json.dumps(obj, default=str)
+
+
+SIDECAR_BASE = {"num_classes": 10, "input_shape": [1, 28, 28], "mean": [0.5], "std": [0.25], "kwargs": {"width": 0.25}}
+
+
+@FUZZ_SMALL
+@given(st.dictionaries(st.sampled_from(["num_classes", "input_shape", "mean", "std", "kwargs", "classes"]), hostile,
+                       max_size=2), st.sampled_from(["cnn-small", "cnn4", "resnet18"]))
+@example({"kwargs": {"hidden": 10**6}}, "cnn-small")
+@example({"kwargs": {"width": 1000}}, "cnn-small")
+@example({"kwargs": {"hidden": -1}}, "cnn-small")
+@example({"input_shape": [3, 100000, 100000]}, "cnn-small")
+@example({"num_classes": 10**3999}, "cnn-small")
+def test_sidecar_shapes_through_load_model(work, saved_model, side, arch):
+    """saved_model's weights are cnn-small at width 0.25; the sidecar says otherwise."""
+    d, _ = saved_model
+    m = fresh(work, "m")
+    m.mkdir()
+    (m / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    (m / "model.json").write_text(_json_text({"arch": arch, **SIDECAR_BASE, **side}))
+    only(ModelError, lambda: load_model(m))
+
+
+@FUZZ_SMALL
+@given(st.sampled_from(sorted(ATTACKS.names()) + ["nope", 5]), hostile, hostile,
+       st.dictionaries(st.sampled_from(["target", "poison_rate", "seed", "patch_size", "margin", "k", "alpha",
+                                        "gen_channels", "gen_stages", "pattern_image", "delta", "mode"]),
+                       hostile, max_size=4) | hostile)
+def test_attack_json_shapes(work, name, shape, classes, config):
+    d = fresh(work, "a")
+    d.mkdir()
+    (d / "attack.json").write_text(_json_text({"name": name, "image_shape": shape, "num_classes": classes,
+                                               "config": config}))
+    only(DataError, lambda: load_attack(d))
+
+
+@pytest.fixture(scope="module")
+def resume_case(tmp_path_factory):
+    """A tiny model, data, and a genuine checkpoint of 1 finished epoch to mutate."""
+    d = tmp_path_factory.mktemp("resume")
+    torch.manual_seed(0)
+    data = make_synthetic(32, (1, 8, 8), 10, seed=0)
+    net = create_model("cnn-small", 10, (1, 8, 8), width=0.25)
+    fit(net, data, lambda m, x, y, s: (m(x).pow(2).mean(), {"loss": 0.0}), OptimConfig(epochs=1, batch_size=8),
+        resume_dir=d, progress=False, with_labels=False)
+    return data, torch.load(d / "state.pt", weights_only=True)
+
+
+tensors = st.sampled_from([torch.zeros(3), torch.zeros(0), torch.full((2, 2), float("nan")),
+                           torch.zeros(4, 1, 3, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.complex64),
+                           torch.zeros(2, dtype=torch.float8_e4m3fn), torch.tensor(5)])
+
+
+@settings(FUZZ, max_examples=20)  # each example runs fit
+@given(st.fixed_dictionaries({}, optional={"epoch": hostile, "history": hostile | st.lists(
+    st.dictionaries(st.text(max_size=6), hostile, max_size=3), max_size=3), "extra": hostile,
+    }), st.booleans(), st.one_of(st.none(), st.sampled_from(["model", "optimizer"])),
+    tensors)
+@example({"epoch": 10**6}, False, None, torch.zeros(3))
+@example({}, False, "model", torch.zeros(2, dtype=torch.complex64))
+@example({"history": "x"}, False, None, torch.zeros(3))
+def test_state_pt_shapes(work, resume_case, changes, drop, bad_part, tensor):
+    data, good = resume_case
+    state = {**good, **changes}
+    if drop:
+        state.pop(next(iter(changes), "extra"), None)
+    if bad_part == "model":
+        state = {**state, "model": {**good["model"], next(iter(good["model"])): tensor}}
+    elif bad_part == "optimizer":
+        state = {**state, "optimizer": {"state": {0: {"momentum_buffer": tensor}},
+                                        "param_groups": good["optimizer"]["param_groups"]}}
+    d = fresh(work, "r")
+    d.mkdir()
+    torch.save(state, d / "state.pt")
+    torch.manual_seed(0)
+    net = create_model("cnn-small", 10, (1, 8, 8), width=0.25)
+    objective = lambda m, x, y, s: (m(x).pow(2).mean(), {"loss": 0.0})  # noqa: E731
+    only(BcuError, lambda: fit(net, data, objective, OptimConfig(epochs=3, batch_size=8), resume_dir=d,
+                               progress=False, with_labels=False))
+
+
+class _Obj:
+    def __init__(self, reduce):
+        self.r = reduce
+
+    def __reduce__(self):
+        return self.r
+
+
+def _self_ref():
+    x = []
+    x.append(x)
+    return x
+
+
+def _doubling(depth):
+    x = [0]
+    for _ in range(depth):
+        x = [x, x]
+    return x
+
+
+cifar_values = (hostile
+                | st.sampled_from(["self-ref", "doubling", "reconstruct", "ndarray", "ragged"]).map(lambda k: {
+                    "self-ref": _self_ref(), "doubling": _doubling(28), "ragged": [[0] * 3072, [1]],
+                    "reconstruct": _Obj((np.ndarray.__reduce__(np.zeros(0, np.uint8))[0],
+                                         (np.ndarray, (10**6, 3072), b"B"))),
+                    "ndarray": np.zeros((2, 3072), np.uint8)}[k])
+                | st.tuples(st.integers(0, 5), st.integers(0, 4000), st.sampled_from(["u1", "f4", "i8", "O"])).map(
+                    lambda t: np.zeros((t[0], t[1]), t[2])))
+
+
+@FUZZ_SMALL
+@given(cifar_values, cifar_values, cifar_values, st.booleans(), edits)
+def test_cifar_shapes(work, data, labels, names, with_labels, e):
+    d = fresh(work, "cifar")
+    d.mkdir()
+    raw = pickle.dumps({b"data": data, b"labels": labels}, protocol=2)
+    (d / "data_batch_1").write_bytes(mutate(raw, e) if e[0] else raw)
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    only(DataError, lambda: load_cifar_dir(d, "train", labels=with_labels))
+
+
+@FUZZ_SMALL
+@given(st.integers(0, 6), st.lists(st.integers(0, 2**32 - 1) | st.integers(0, 64), min_size=0, max_size=6),
+       st.binary(max_size=64), st.booleans())
+def test_idx_header_shapes(work, ndim, dims, body, gz):
+    raw = bytes([0, 0, 8, ndim]) + b"".join(struct.pack(">I", v) for v in dims) + body
+    f = fresh(work, "train-images-idx3-ubyte" + (".gz" if gz else ""))
+    f.write_bytes(gzip.compress(raw) if gz else raw)
+    only(DataError, lambda: read_idx(f))
+
+
+def _npy_with_header(shape, descr: str, body: bytes) -> bytes:
+    header = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}".encode()
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + body
+
+
+npy_shapes = st.lists(st.integers(0, 64) | huge_ints.filter(lambda v: 0 <= v < 2**70), min_size=0, max_size=5)
+npy_descr = st.sampled_from(["|u1", "<f4", "<f8", "|O", "<c16", "|b1", "<u2", "V8"])
+
+
+@FUZZ_SMALL
+@given(npy_shapes, npy_descr, st.binary(max_size=128), st.booleans(), st.booleans())
+def test_npy_and_npz_declared_shapes(work, shape, descr, body, compressed, stream):
+    raw = _npy_with_header(shape, descr, body)
+    f = fresh(work, "d.npz")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as z:
+        z.writestr("x.npy", raw)
+    f.write_bytes(buf.getvalue())
+    npy = f.with_suffix(".npy")
+    npy.write_bytes(raw)
+    if stream:
+        only(DataError, lambda: load_stream(f, labels=False, workers=0).images[[0]])
+        only(DataError, lambda: load_stream(npy, labels=False, workers=0).images[[0]])
+    else:
+        only(DataError, lambda: load_dataset(f, labels=False))
+
+
+def _png(w: int, h: int, depth: int, color: int) -> bytes:
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@FUZZ_SMALL
+@given(st.integers(0, 2**31 - 1) | st.integers(0, 64), st.integers(0, 2**31 - 1) | st.integers(0, 64),
+       st.sampled_from([1, 8, 16]), st.sampled_from([0, 2, 3, 4, 6]))
+def test_image_header_sizes(work, w, h, depth, color):
+    f = fresh(work, "img.png")
+    f.write_bytes(_png(w, h, depth, color))
+    only(DataError, lambda: load_dataset(f.parent, labels=False))
+
+
+@FUZZ_SMALL
+@given(st.integers(1, 10), st.integers(1, 12), st.booleans(), st.integers(0, 120), st.sampled_from(["", "preset"]))
+@example(9, 9, False, 0, "")  # the billion laughs
+@example(9, 9, False, 1, "preset")
+@example(1, 1, True, 0, "")
+def test_yaml_aliases_and_nesting(work, levels, fanout, recursive, depth, where):
+    """Anchors defined inside the value of a real option, each level aliasing the previous one
+    ``fanout`` times: ``optim: [&a0 [x, ...], &a1 [*a0, ...], ...]`` (9 x 9 is the billion laughs)."""
+    parts = [f"&a0 [{', '.join(['x'] * fanout)}]"]
+    for i in range(1, levels):
+        parts.append(f"&a{i} [" + ", ".join([f"*a{i - 1}"] * fanout) + "]")
+    if recursive:
+        parts.append("&r [*r]")
+    value = "[" * depth + "[" + ", ".join(parts) + "]" + "]" * depth
+    f = fresh(work, "c.yaml")
+    f.write_text(f"{where or 'optim'}: {value}\n")
+    only(ConfigError, lambda: preset("default", load_file(f)))
+    only(ConfigError, lambda: parse_overrides([f"optim={'[' * depth}1{']' * depth}"]))

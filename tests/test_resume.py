@@ -327,3 +327,160 @@ def test_audit_hook_sees_writes():
             assert len(_WATCH["hits"]) == 2
         finally:
             _WATCH["root"] = None
+
+
+# -------------------------------------------------------------------------------------------------
+# (e) issue 14, finding 5: a checkpoint is resumed only for the inputs and settings it was made
+#     with, and every field of state.pt is checked before it is used
+
+RQUICK = ["--epochs", "3", "--batch-size", "16", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    from bcu.checkpoint import save_model
+    from bcu.models import create_model
+
+    d = tmp_path_factory.mktemp("models")
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        (d / f"m{seed}").mkdir()
+        save_model(create_model("cnn-small", 10, (1, 28, 28), mean=(0.5,), std=(0.25,)), d / f"m{seed}")
+        out.append(d / f"m{seed}")
+    for name, seed in (("u.npz", 3), ("other.npz", 4)):
+        np.savez(d / name, x=make_synthetic(64, (1, 28, 28), 10, seed=seed).images.numpy())
+    return out[0], out[1], d / "u.npz", d / "other.npz"
+
+
+def _interrupt_after_first_epoch(monkeypatch):
+    """Ctrl-C right after epoch 1's checkpoint is written (in-process: the real save, then SIGINT)."""
+    import bcu.train as T
+
+    real = T._save_resume
+
+    def save_then_interrupt(path, model, opt, epoch, history, extra):
+        real(path, model, opt, epoch, history, extra)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_save_resume", save_then_interrupt)
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip("\n").split("\n")
+    return rc, err[-1] if err else ""
+
+
+@pytest.fixture
+def interrupted(two_models, tmp_path, monkeypatch, capsys):
+    """An output folder whose cleanse was interrupted after epoch 1 of 3 (checkpoint kept)."""
+    m0, _, u, _ = two_models
+    out = tmp_path / "c"
+    with monkeypatch.context() as mp:
+        _interrupt_after_first_epoch(mp)
+        rc, line = _run(capsys, "cleanse", "--model", m0, "--data", u, "--out", out, "--seed", "3", *RQUICK)
+    assert rc == 130 and "--resume" in line, line
+    state = Path(f"{out}.partial") / "resume" / "state.pt"
+    assert state.is_file()
+    return out, state
+
+
+@pytest.mark.parametrize("change,expect", [
+    ("model", "model_sha256 is"),
+    ("data", "data_sha256 is"),
+    (["--seed", "4"], "config.seed is 3 there, 4 now"),
+    (["--lr", "0.5"], "config.optim.lr is 0.01 there, 0.5 now"),
+    (["--set", "reinit.head=0.5"], "config.reinit.head is 0.1 there, 0.5 now"),
+])
+def test_resume_refuses_other_inputs_or_settings(two_models, interrupted, capsys, change, expect):
+    m0, m1, u, other = two_models
+    out, state = interrupted
+    model, data, extra = m0, u, []
+    if change == "model":
+        model = m1
+    elif change == "data":
+        data = other
+    else:
+        extra = change
+    before = state.read_bytes()
+    rc, line = _run(capsys, "cleanse", "--model", model, "--data", data, "--out", out, "--seed", "3", *RQUICK,
+                    *extra, "--resume")
+    assert rc == 1 and line.startswith("bcu: error: resume checkpoint ") and expect in line, line
+    assert "was written for other inputs or settings" in line
+    assert state.read_bytes() == before and not out.exists()  # the checkpoint survives the refusal
+    # and the original command still resumes from it
+    rc, line = _run(capsys, "cleanse", "--model", m0, "--data", u, "--out", out, "--seed", "3", *RQUICK, "--resume")
+    assert rc == 0, line
+    assert len(json.loads((out / "report.json").read_text())["history"]) == 3
+
+
+def _edit_state(state: Path, edit) -> None:
+    s = torch.load(state, weights_only=True)
+    edit(s)
+    torch.save(s, state)
+
+
+def _bad_tensor(s):
+    k = next(k for k, v in s["model"].items() if v.dim() == 4)
+    s["model"][k] = torch.zeros(3, 3)
+
+
+def _nan_tensor(s):
+    k = next(k for k, v in s["model"].items() if v.is_floating_point())
+    s["model"][k] = torch.full_like(s["model"][k], float("nan"))
+
+
+def _bad_momentum(s):
+    st = s["optimizer"]["state"]
+    k = next(iter(st))
+    st[k]["momentum_buffer"] = torch.zeros(7)
+
+
+@pytest.mark.parametrize("what,edit,expect", [
+    ("epoch 1000000", lambda s: s.update(epoch=1_000_000), "epoch: expected a finished epoch in [0, 2], got 1000000"),
+    ("epoch -5", lambda s: s.update(epoch=-5), "epoch: expected a finished epoch in [0, 2]"),
+    ("epoch as text", lambda s: s.update(epoch="1"), "epoch: expected a finished epoch"),
+    ("history of the wrong length", lambda s: s.update(history=[]), "history: expected one row"),
+    ("history rows that are not tables", lambda s: s.update(history=["x"]), "history: row 1"),
+    ("history with a nested value", lambda s: s["history"][0].update(loss=[1.0] * 10), "history: row 1"),
+    ("extra.stopped not a bool", lambda s: s.update(extra={"stopped": "yes"}), "extra:"),
+    ("a weight of another shape (architecture change)", _bad_tensor, "model: "),
+    ("NaN weights", _nan_tensor, "holds NaN or Inf"),
+    ("a momentum buffer of another shape", _bad_momentum, "optimizer: momentum_buffer does not match"),
+    ("no optimizer", lambda s: s.pop("optimizer"), "optimizer: not an optimizer state"),
+])
+def test_resume_checks_every_field_of_state_pt(two_models, interrupted, capsys, what, edit, expect):
+    m0, _, u, _ = two_models
+    out, state = interrupted
+    _edit_state(state, edit)
+    rc, line = _run(capsys, "cleanse", "--model", m0, "--data", u, "--out", out, "--seed", "3", *RQUICK, "--resume")
+    assert rc == 1 and "is malformed" in line and expect in line and "start again without --resume" in line, line
+    assert not out.exists()
+
+
+def test_resume_state_pt_that_is_not_a_table(two_models, interrupted, capsys):
+    m0, _, u, _ = two_models
+    out, state = interrupted
+    torch.save([1, 2, 3], state)
+    rc, line = _run(capsys, "cleanse", "--model", m0, "--data", u, "--out", out, "--seed", "3", *RQUICK, "--resume")
+    assert rc == 1 and "is malformed (not a table of fields)" in line
+
+
+def test_fit_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    """Through the API (no CLI fingerprint): the state itself is checked against the model."""
+    from bcu.data import ImageSet
+    from bcu.errors import BcuError
+    from bcu.models import create_model
+    from bcu.train import OptimConfig, cross_entropy_objective, fit
+
+    data = make_synthetic(64, (1, 28, 28), 10, seed=0)
+    small = create_model("cnn-small", 10, (1, 28, 28))
+    fit(small, data, cross_entropy_objective, OptimConfig(epochs=1, batch_size=16), resume_dir=tmp_path,
+        progress=False)
+    assert (tmp_path / "state.pt").is_file()
+    other = create_model("cnn4", 10, (1, 28, 28))
+    with pytest.raises(BcuError, match="does not match this architecture") as e:
+        fit(other, data, cross_entropy_objective, OptimConfig(epochs=3, batch_size=16), resume_dir=tmp_path,
+            progress=False)
+    assert "\n" not in str(e.value) and isinstance(data, ImageSet)

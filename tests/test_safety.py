@@ -286,3 +286,53 @@ def test_cleanse_and_defend_reports_carry_hashes(tmp_path, capsys, model_dir, np
     assert rep["input"]["sha256"] == sha256_file(model_dir / "model.safetensors")
     assert rep["input"]["data_sha256"] == load_dataset(npz, labels=False).fingerprint()
     assert rep["output"]["sha256"] == sha256_file(out2 / "model.safetensors")
+
+
+# -------------------------------------------------------------------------------------------------
+# issue 14, finding 6: NaN/Inf checked after the cast to the model's dtype, for every dtype
+
+
+def _pt_with(tmp_path: Path, net, key_edit) -> Path:
+    state = {k: v.clone() for k, v in net.net.state_dict().items()}
+    k = next(k for k, v in state.items() if v.dim() == 4)
+    state[k] = key_edit(state[k])
+    f = tmp_path / "m.pt"
+    torch.save(state, f)
+    return f
+
+
+@pytest.mark.parametrize("what,edit,expect", [
+    ("complex64 holding NaN", lambda t: torch.complex(t, t).to(torch.complex64).index_fill_(0, torch.tensor([0]),
+                                                                                           complex(float("nan"), 0)),
+     "has dtype complex64, which bcu does not load"),
+    ("float64 that overflows float32", lambda t: t.double().index_fill_(0, torch.tensor([0]), 1e300),
+     "overflows to Inf as float32"),
+    ("float64 holding NaN", lambda t: t.double().index_fill_(0, torch.tensor([0]), float("nan")), "contains NaN or Inf"),
+    ("float8_e4m3", lambda t: t.to(torch.float8_e4m3fn), "has dtype float8_e4m3fn, which bcu does not load"),
+    ("uint32", lambda t: t.to(torch.uint32), "has dtype uint32, which bcu does not load"),
+])
+def test_verify_checks_every_dtype_after_the_cast(tmp_path, capsys, net, what, edit, expect):
+    f = _pt_with(tmp_path, net, edit)
+    rc, out, err = cli(capsys, "verify", f, *SPEC_ARGS)
+    assert rc == 3 and out == "" and expect in one_error_line(err)
+
+
+def test_supported_dtypes_still_load(tmp_path, capsys, net):
+    """float64 / float16 / bfloat16 weights of finite values load, cast to the model's float32."""
+    for dt in (torch.float64, torch.float16, torch.bfloat16):
+        f = _pt_with(tmp_path, net, lambda t: t.to(dt))
+        rc, out, err = cli(capsys, "verify", f, *SPEC_ARGS)
+        assert rc == 0 and out.startswith("ok:"), err
+
+
+def test_refusal_of_a_blocked_module_keeps_torchs_reason(tmp_path, capsys):
+    """Finding 7: a pickle naming os.system used to give '... (Weights only load failed. In PyTorch
+    2.6, we changed ... Re-running `torch.)': torch's reason lost, the line cut mid-sentence."""
+    f = tmp_path / "evil.pt"
+    f.write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    rc, _, err = cli(capsys, "verify", f, *SPEC_ARGS)
+    line = one_error_line(err)
+    assert rc == 3 and line.endswith(
+        "is not a plain state dict; refusing to unpickle it (Trying to load unsupported GLOBAL os.system whose "
+        "module os is blocked)"), line
+    assert "Re-running" not in line and "PyTorch 2.6" not in line

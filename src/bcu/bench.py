@@ -21,12 +21,10 @@ sure each teacher is trained by one process only.
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from .data import AugmentConfig, ImageSet, load_dataset, split, take
 from .errors import ConfigError
 from .train import OptimConfig
 from .unlabeled import SourceConfig, build as build_source, export_npz, resolve as resolve_source
+from . import seeding
 
 ROW_KEYS = ["arch", "attack", "defense", "unlabeled", "seed", "acc_before", "asr_before", "acc", "asr", "ra", "der",
             "seconds", "command"]
@@ -94,7 +93,10 @@ class BenchConfig:
     device: str = field(default="cpu", metadata={"help": "torch device"})
 
     def __post_init__(self) -> None:
+        from .runtime import check_device
+
         check(self.holdout >= 0, "holdout must be >= 0")
+        check_device(self.device, "device")
         for what in ("attacks", "defenses", "seeds", "unlabeled"):
             check(len(getattr(self, what)) > 0, f"{what} must not be empty")
             check(len(set(getattr(self, what))) == len(getattr(self, what)), f"{what} has duplicates")
@@ -179,21 +181,6 @@ def _split_data(cfg: BenchConfig, seed: int) -> Tuple[ImageSet, Optional[ImageSe
     return _CACHE[key]
 
 
-class FileLock:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a")
-        fcntl.flock(self.fh, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
-
-
 def ensure_teacher(cfg: BenchConfig, out: Path, arch: str, attack_name: str, seed: int, progress: bool = False):
     """(model, attack, scores) of the backdoored model for (arch, attack, seed), trained once and cached."""
     from .attacks import create_attack, load_attack
@@ -201,9 +188,13 @@ def ensure_teacher(cfg: BenchConfig, out: Path, arch: str, attack_name: str, see
     from .metrics import attack_scores
     from .models import create_model
 
+    from .lock import ExclusiveLock
+    from .output import OutputDir
+
     key = f"{arch}__{attack_name}__s{seed}"
     final = out / "teachers" / key
-    with FileLock(out / "teachers" / f".{key}.lock"):
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with ExclusiveLock(final.with_name(key + ".lock"), f"teacher {final}", wait=True):  # one trainer per teacher
         if not (final / "scores.json").is_file():
             train, _, test = _split_data(cfg, seed)
             k = train.num_classes or 10
@@ -215,7 +206,7 @@ def ensure_teacher(cfg: BenchConfig, out: Path, arch: str, attack_name: str, see
             mean = tuple(float(v) for v in pix.mean((0, 2, 3)))
             std = tuple(float(v) for v in pix.std((0, 2, 3)))
             del pix
-            torch.manual_seed(seed)
+            seeding.manual_seed(seed)
             model = create_model(entry.arch, k, train.shape, mean=mean, std=std, classes=train.classes,
                                  **entry.options)
             t0 = time.time()
@@ -223,16 +214,16 @@ def ensure_teacher(cfg: BenchConfig, out: Path, arch: str, attack_name: str, see
                          progress=progress)
             seconds = time.time() - t0
             s = attack_scores(model, test, attack, cfg.device)
-            staging = final.with_name(final.name + ".partial")
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            save_model(model.cpu(), staging, extra={"attack": attack_name, "seed": seed})
-            attack.save(staging)
-            atomic_write_json(staging / "scores.json", {**s.as_dict(), "seconds": seconds, "train_images": len(train),
-                                                        "arch": arch, "attack": attack.describe(),
-                                                        "asr_by_class": s.asr_by_class, "teacher": to_dict(optim)})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
+            # staged and renamed like every bcu output (never through a link); a teacher folder left
+            # without scores.json is bcu's own (it carries the marker) and is replaced
+            with OutputDir(final, overwrite=True, kind="bench-teacher", lock=False) as o:
+                save_model(model.cpu(), o.path, extra={"attack": attack_name, "seed": seed})
+                attack.save(o.path)
+                atomic_write_json(o.path / "scores.json", {**s.as_dict(), "seconds": seconds,
+                                                           "train_images": len(train), "arch": arch,
+                                                           "attack": attack.describe(),
+                                                           "asr_by_class": s.asr_by_class, "teacher": to_dict(optim)})
+                o.commit()
     model, _ = load_model(final)
     attack = load_attack(final)
     scores = json.loads((final / "scores.json").read_text())
@@ -280,7 +271,7 @@ def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress
             row["reason"] = f"{cell.defense} needs labels; source {cell.unlabeled!r} has none"
     if row["status"] == "ok":
         defense = create_defense(registry_name(cell.defense), cfg.defense_options.get(cell.defense, {}))
-        torch.manual_seed(cell.seed)
+        seeding.manual_seed(cell.seed)
         t1 = time.time()
         result = run_defense(defense, model, data, device=cfg.device, seed=cell.seed, progress=progress)
         row["seconds"] = time.time() - t1
@@ -318,25 +309,40 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
               progress: bool = False, teachers_only: bool = False, command=None, log=print) -> Dict[str, Any]:
     """Run every unfinished cell of the (filtered) grid, then write the aggregated outputs
     (``teachers_only``: train the grid's backdoored models and stop; ``command(cell)``: the command line
-    recorded in each row, default :func:`cell_command`)."""
-    from .attacks import ATTACKS
-    from .defenses import DEFENSES
+    recorded in each row, default :func:`cell_command`).
+
+    ``out`` is a bcu work folder (bcu.output.WorkDir): never an input, reused
+    only when bcu made it."""
+    from .output import WorkDir
 
     out = Path(out)
+    inputs = [config_path, cfg.data] + [src.path for src in cfg.sources.values() if src.path]
+    with WorkDir(out, "bench", inputs=[i for i in inputs if i and os.path.lexists(str(i))]):
+        return _run_bench(cfg, out, config_path=config_path, workers=workers, threads=threads, attacks=attacks,
+                          defenses=defenses, seeds=seeds, unlabeled=unlabeled, archs=archs, progress=progress,
+                          teachers_only=teachers_only, command=command, log=log)
+
+
+def _run_bench(cfg: BenchConfig, out: Path, *, config_path: str, workers: int, threads: Optional[int], attacks,
+               defenses, seeds, unlabeled, archs, progress: bool, teachers_only: bool, command, log) -> Dict[str, Any]:
+    from .attacks import ATTACKS
+    from .defenses import DEFENSES
+    from .errors import clean
+
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = grid(cfg, attacks, defenses, seeds, unlabeled, archs)
     missing_attacks = sorted({c.attack for c in cells if registry_name(c.attack) not in ATTACKS})
     missing_defenses = sorted({c.defense for c in cells if registry_name(c.defense) not in DEFENSES})
     for m in missing_attacks:
-        log(f"bench: attack {m!r} is not registered (yet): its cells are not run")
+        log(f"bench: attack {clean(repr(m), 80)} is not registered (yet): its cells are not run")
     for m in missing_defenses:
-        log(f"bench: defense {m!r} is not registered: its cells are not run")
+        log(f"bench: defense {clean(repr(m), 80)} is not registered: its cells are not run")
     runnable = [c for c in cells if registry_name(c.attack) in ATTACKS and registry_name(c.defense) in DEFENSES]
     if teachers_only:
         return _train_teachers(cfg, out, runnable, workers, threads, log)
     todo = [c for c in runnable if not (out / "cells" / f"{c.key}.json").is_file()]
     cached = len(runnable) - len(todo)
-    log(f"bench {cfg.name}: {len(cells)} cells, {cached} finished before, {len(todo)} to run, "
+    log(f"bench {clean(cfg.name, 80)}: {len(cells)} cells, {cached} finished before, {len(todo)} to run, "
         f"{len(cells) - len(runnable)} not runnable")
     cores = os.cpu_count() or 1
     workers = max(1, int(workers))
@@ -349,7 +355,7 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
         for c in todo:
             r = run_cell(cfg, out, c, config_path, progress, command(c) if command else None)
             computed += 1
-            log(f"  [{computed}/{len(todo)}] {c.key}: " + (
+            log(f"  [{computed}/{len(todo)}] {clean(c.key)}: " + (
                 f"ACC {r['acc']:.2f} ASR {r['asr']:.2f} DER {r['der']:.2f} ({r['seconds']:.0f}s)"
                 if r["status"] == "ok" else r["status"]))
             if stop_after and computed >= stop_after:
@@ -362,12 +368,12 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
             triples = sorted({(c.arch, c.attack, c.seed) for c in todo})
             for f in as_completed([pool.submit(_teacher_worker, (cfg, out, m, a, s)) for m, a, s in triples]):
-                log(f"  teacher {f.result()} ready")
+                log(f"  teacher {clean(f.result())} ready")
             futs = {pool.submit(_worker, (cfg, out, c, config_path, command(c) if command else None)): c for c in todo}
             for f in as_completed(futs):
                 f.result()
                 computed += 1
-                log(f"  [{computed}/{len(todo)}] {futs[f].key} done")
+                log(f"  [{computed}/{len(todo)}] {clean(futs[f].key)} done")
     full = grid(cfg)  # the report covers the whole grid, whatever subset this call ran
     missing = sorted({c.attack for c in full if registry_name(c.attack) not in ATTACKS}) + \
         sorted({c.defense for c in full if registry_name(c.defense) not in DEFENSES})

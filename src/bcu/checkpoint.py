@@ -8,12 +8,7 @@ ever unpickled into arbitrary objects. Every output is written to a temporary na
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -22,7 +17,7 @@ from torch import nn
 
 from . import __version__
 from .config import from_dict, to_dict
-from .errors import BcuError, ConfigError, ModelError, OutputError
+from .errors import ConfigError, ModelError, show
 from .models import Classifier, ModelSpec, build
 
 WEIGHTS_NAME = "model.safetensors"
@@ -36,133 +31,20 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Union[str, Path]) -> str:
+    from .untrusted import open_regular
+
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path, "files", ModelError) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
-# atomic output
+# atomic output: bcu.output (re-exported here, where they have always been imported from)
 
-
-def _os_error(e: OSError, path: Path) -> OutputError:
-    if e.errno == errno.ENOSPC:
-        return OutputError(f"disk full while writing {path}")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"cannot write {path}: permission denied (read-only location?)")
-    if e.errno in (errno.EEXIST, errno.ENOTDIR):
-        return OutputError(f"cannot write {path}: a file is in the way where a folder is needed")
-    return OutputError(f"cannot write {path}: {e.strerror or e}")
-
-
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise _os_error(e, path) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Union[str, Path], obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if dataclasses.is_dataclass(o):
-        return to_dict(o)
-    if isinstance(o, (Path,)):
-        return str(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-class OutputDir:
-    """Stage an output folder at ``<out>.partial`` and rename it into place on success.
-
-    A failure removes the staging folder, so nothing partial is left behind; an interruption
-    (Ctrl-C, kill) keeps it when it holds a resumable checkpoint, for ``--resume``.
-    """
-
-    def __init__(self, final: Union[str, Path], overwrite: bool = False, resume: bool = False) -> None:
-        self.final = Path(final)
-        self.staging = self.final.with_name(self.final.name + ".partial")
-        self.overwrite = overwrite
-        self.resume = resume
-
-    def __enter__(self) -> "OutputDir":
-        if self.final.exists() and not self.overwrite:
-            raise OutputError(f"output {self.final} already exists (choose another --out or pass --overwrite)")
-        parent = self.final.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise _os_error(e, parent) from None
-        if not os.access(parent, os.W_OK):
-            raise OutputError(f"cannot write {self.final}: permission denied (read-only location?)")
-        if self.staging.exists() and not self.resume:
-            shutil.rmtree(self.staging, ignore_errors=True)
-        if self.resume and not self.staging.exists():
-            raise OutputError(f"nothing to resume: {self.staging} does not exist")
-        try:
-            self.staging.mkdir(exist_ok=True)
-        except OSError as e:
-            raise _os_error(e, self.staging) from None
-        return self
-
-    @property
-    def path(self) -> Path:
-        return self.staging
-
-    def commit(self) -> Path:
-        old = None
-        try:
-            if self.final.exists():
-                old = self.final.with_name(self.final.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(self.final, old)
-            os.replace(self.staging, self.final)
-        except OSError as e:
-            raise _os_error(e, self.final) from None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.final
-
-    def _has_checkpoint(self) -> bool:
-        """A finished checkpoint file in ``resume/`` (temporary ``.name.tmp`` files do not count)."""
-        d = self.staging / "resume"
-        try:
-            return d.is_dir() and any(p.is_file() and not p.name.startswith(".") for p in d.iterdir())
-        except OSError:
-            return False
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            return
-        interrupted = exc_type is KeyboardInterrupt or (
-            isinstance(exc, BcuError) and exc.exit_code == 130)
-        if interrupted and self._has_checkpoint():
-            return  # keep the checkpoint for --resume
-        shutil.rmtree(self.staging, ignore_errors=True)
+from .output import (OutputDir, OutputFile, _os_error, atomic_write_bytes, atomic_write_json,  # noqa: E402,F401
+                     atomic_write_text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,12 +93,11 @@ def resolve_model_path(path: Union[str, Path]) -> Tuple[Path, Optional[Path]]:
 
 
 def read_sidecar(path: Path) -> Dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"sidecar {path} is missing (it records the architecture; or pass --arch)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"sidecar {path} is not valid JSON: {e}") from None
+    from .untrusted import MAX_SIDECAR_BYTES, parse_json, read_bounded
+
+    if not path.exists():
+        raise ModelError(f"sidecar {path} is missing (it records the architecture; or pass --arch)")
+    data = parse_json(read_bounded(path, MAX_SIDECAR_BYTES, "sidecars", ModelError), f"sidecar {path}", ModelError)
     if not isinstance(data, dict):
         raise ModelError(f"sidecar {path} must be a JSON object")
     return data
@@ -233,10 +114,9 @@ def spec_from_sidecar(data: Mapping[str, Any], where: str = "sidecar") -> ModelS
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+    from .untrusted import MAX_MODEL_BYTES, read_bounded
+
+    return read_bounded(path, MAX_MODEL_BYTES, "model weights", ModelError)
 
 
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
@@ -255,11 +135,11 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
 def _read_torch(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
     import pickle
 
-    data = _read_bytes(path)
     import io
-
     import warnings
 
+    data = _read_bytes(path)
+    _check_zip_members(data, path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: not one line
             warnings.simplefilter("ignore")
@@ -281,6 +161,31 @@ def _read_torch(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
     return dict(obj), sha256_bytes(data)
 
 
+def _check_zip_members(data: bytes, path: Path) -> None:
+    """A torch zip whose records would expand past what the file holds (or past
+    :data:`bcu.untrusted.MAX_DECOMPRESSED_BYTES`) is refused before torch allocates them."""
+    import io
+    import zipfile
+
+    from .untrusted import MAX_DECOMPRESSED_BYTES, human
+
+    if data[:2] != b"PK":
+        return
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError):
+        return  # not a zip after all: torch says what it is
+    total = 0
+    for info in infos:
+        total += info.file_size
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if (stored and info.file_size > len(data)) or (not stored and info.file_size > 1032 * info.compress_size + 4096) \
+                or total > MAX_DECOMPRESSED_BYTES + len(data):
+            raise ModelError(f"{path} is not a readable PyTorch state dict: record {show(info.filename)} declares "
+                             f"{human(info.file_size)}, more than the file can hold")
+
+
 def _first_line(text: str, limit: int = 160) -> str:
     """The first non-empty line of ``text`` without terminal escapes, at most ``limit`` characters."""
     import re
@@ -290,14 +195,34 @@ def _first_line(text: str, limit: int = 160) -> str:
     return line[:limit]
 
 
+# paragraphs of torch's weights-only refusal that explain torch, not the file
+_TORCH_BOILERPLATE = ("weights only load failed", "(1) ", "(2) ", "check the documentation", "please file an issue")
+
+
 def _unpickling_reason(text: str) -> str:
-    """The useful part of torch's weights-only refusal, e.g. 'Unsupported global: GLOBAL io.open'."""
+    """The specific part of torch's weights-only refusal, whole: 'Unsupported global: GLOBAL io.open',
+    'Trying to load unsupported GLOBAL os.system whose module os is blocked', 'Unsupported operand 149'.
+
+    torch's message is paragraphs of advice around one line about the file; that line is kept (up
+    to its end, never cut mid-sentence below 300 characters) and torch's advice is dropped.
+    """
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
     marker = "WeightsUnpickler error:"
     if marker in text:
-        reason = _first_line(text.split(marker, 1)[1]).split(" was not an allowed global")[0]
-        if reason:
-            return reason
-    return _first_line(text) or "unsafe content"
+        text = text.split(marker, 1)[1]
+    for line in (ln.strip() for ln in text.splitlines()):
+        if not line or line.lower().startswith(_TORCH_BOILERPLATE):
+            continue
+        for cut in (" was not an allowed global", ". Please use", " Please use"):
+            line = line.split(cut)[0]
+        line = line.rstrip(". ")
+        if len(line) > 300:
+            line = line[:300].rsplit(" ", 1)[0] + " ..."
+        if line:
+            return line
+    return "unsafe content"
 
 
 def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -307,31 +232,64 @@ def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return state
 
 
+# dtypes a weights file may hold (they are cast to the dtype of the model's tensor); anything else
+# -- complex, float8, quantized, unsigned 16/32/64 -- is refused with one line
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16,
+                    torch.int32, torch.int64, torch.uint8, torch.bool)
+
+
 def check_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """NaN/Inf in any floating tensor of ``state`` (complex and float8 are refused by :func:`cast_state`)."""
     for k, v in state.items():
+        if v.layout != torch.strided:
+            raise ModelError(f"{where}: weight {show(k)} is a {str(v.layout).replace('torch.', '')} tensor, "
+                             f"which bcu does not load")
+        if v.dtype not in SUPPORTED_DTYPES:
+            raise ModelError(f"{where}: weight {show(k)} has dtype {str(v.dtype).replace('torch.', '')}, "
+                             f"which bcu does not load")
         if v.is_floating_point() and not torch.isfinite(v).all():
-            raise ModelError(f"{where}: weight {k!r} contains NaN or Inf")
+            raise ModelError(f"{where}: weight {show(k)} contains NaN or Inf")
+
+
+def cast_state(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
+    """``state``'s tensors cast to the dtypes of ``own`` (the model's), checked before and after the
+    cast: an unsupported dtype is refused, and NaN/Inf is refused in the file's values and in the
+    cast ones (a float64 of 1e300 becomes Inf as float32)."""
+    check_finite(state, where)
+    out = {}
+    for k, v in state.items():
+        target = own[k].dtype if k in own else v.dtype
+        c = v.to(target)
+        if c.is_floating_point() and not torch.isfinite(c).all():
+            raise ModelError(f"{where}: weight {show(k)} overflows to Inf as {str(target).replace('torch.', '')}")
+        out[k] = c
+    return out
+
+
+def match_state(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], spec: ModelSpec,
+                where: str) -> None:
+    """Keys and shapes of ``state`` against the model's ``own`` (real or meta), one line on a mismatch."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ModelError(f"{where} does not match architecture {spec.arch!r}: "
+                         + (f"missing {show(missing[0])}" if missing else f"unexpected {show(unexpected[0])}")
+                         + f" ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            if v.dim() >= 1 and state[k].dim() == v.dim() and v.shape[0] == spec.num_classes and \
+                    state[k].shape[0] != v.shape[0] and k.endswith(("weight", "bias")) and _is_last(own, k):
+                raise ModelError(f"{where} has {state[k].shape[0]} output classes, not num_classes="
+                                 f"{spec.num_classes}")
+            raise ModelError(f"{where}: {k!r} has shape {tuple(state[k].shape)}, architecture "
+                             f"{spec.arch!r} expects {tuple(v.shape)}")
 
 
 def load_state_into(model: Classifier, state: Dict[str, torch.Tensor], where: str) -> None:
     """Load ``state`` into ``model.net`` strictly, with one clear line on any mismatch."""
     own = model.net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ModelError(f"{where} does not match architecture {model.spec.arch!r}: "
-                         + (f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}")
-                         + f" ({len(missing)} missing, {len(unexpected)} unexpected keys)")
-    for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            if v.dim() >= 1 and state[k].dim() == v.dim() and v.shape[0] == model.spec.num_classes and \
-                    state[k].shape[0] != v.shape[0] and k.endswith(("weight", "bias")) and _is_last(own, k):
-                raise ModelError(f"{where} has {state[k].shape[0]} output classes, not num_classes="
-                                 f"{model.spec.num_classes}")
-            raise ModelError(f"{where}: {k!r} has shape {tuple(state[k].shape)}, architecture "
-                             f"{model.spec.arch!r} expects {tuple(v.shape)}")
-    check_finite(state, where)
-    model.net.load_state_dict(state, strict=True)
+    match_state(own, state, model.spec, where)
+    model.net.load_state_dict(cast_state(state, own, where), strict=True)
 
 
 def _is_last(state: Mapping[str, torch.Tensor], key: str) -> bool:
@@ -370,16 +328,20 @@ def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: 
                      ("mean", mean), ("std", std)):
         if val is not None:
             merged[key] = val
+    if not isinstance(merged.get("kwargs", {}), dict):
+        raise ModelError(f"{side or 'model options'}: kwargs: expected a table, got {show(merged['kwargs'])}")
     if kwargs:
         merged["kwargs"] = {**merged.get("kwargs", {}), **kwargs}
     if "mean" in merged and "std" not in merged or "std" in merged and "mean" not in merged:
         raise ModelError("give both mean and std for the input normalisation")
     spec = spec_from_sidecar(merged, str(side) if side else "model options")
-    try:
-        model = build(spec)
+    state = _strip_prefixes(state)
+    check_finite(state, str(weights))  # dtypes and NaN/Inf before anything is built
+    try:  # built on the meta device first: the weights file bounds what is allocated
+        model = build(spec, check_state=lambda own: match_state(own, state, spec, str(weights)))
     except ConfigError as e:
         raise ModelError(str(e)) from None
-    load_state_into(model, _strip_prefixes(state), str(weights))
+    load_state_into(model, state, str(weights))
     model.eval()
     return model, {"sha256": digest, "sidecar": sidecar, "path": str(weights)}
 

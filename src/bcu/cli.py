@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
-from .errors import BcuError, ConfigError, DataError, Interrupted
+from .errors import BcuError, ConfigError, DataError, Interrupted, clean
+from . import seeding
 
 
 # --------------------------------------------------------------------------------------------------
@@ -32,6 +33,18 @@ def _shape(text: str):
         return vals
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}") from None
+
+
+def _seed(text: str) -> int:
+    from .seeding import SEED_MAX, SEED_MIN
+
+    try:
+        v = int(text) if len(text) <= 40 else None
+    except ValueError:
+        v = None
+    if v is None or not SEED_MIN <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2^63, 2^63 - 1], got {text[:40]!r}")
+    return v
 
 
 def _floats(text: str):
@@ -134,12 +147,41 @@ def _check_images(model, data, where: str) -> None:
 
 
 def _setup_runtime(args: argparse.Namespace) -> None:
-    import torch
+    from . import runtime
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
+    runtime.setup(getattr(args, "device", "cpu"), getattr(args, "threads", None))
+
+
+def _inputs(*specs: Any, models: Sequence[Any] = ()) -> List[str]:
+    """The paths a command reads: data specs that are paths (or name Fashion-MNIST's folder),
+    config files, attack artifacts, and each model's weights file and sidecar. No output may be,
+    or contain, one of them (bcu.output)."""
+    from .checkpoint import resolve_model_path
+    from .data import fashion_mnist_dir
+    from .errors import ModelError
+
+    out: List[str] = []
+    for spec in specs:
+        if spec is None:
+            continue
+        s = str(spec)
+        if s.lower() in ("fashion-mnist", "fmnist", "fashion_mnist"):
+            try:
+                out.append(str(fashion_mnist_dir()))
+            except DataError:
+                pass
+        elif os.path.lexists(s):
+            out.append(s)
+    for m in models:
+        if m is None:
+            continue
+        out.append(str(m))
+        try:
+            w, side = resolve_model_path(m)
+            out += [str(w)] + ([str(side)] if side is not None else [])
+        except ModelError:
+            pass
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +254,15 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
         _check_images(model, test, args.test_data)
         if args.attack:
             attack = attack_from_spec(args.attack, {}, model.spec.input_shape, model.spec.num_classes)
-    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume) as out:
+    from .config import to_dict
+    from .train import resume_fingerprint
+
+    inputs = _inputs(args.data, args.test_data, args.attack, args.config, models=[args.model])
+    data_sha = data.fingerprint()
+    fingerprint = {"command": "cleanse", "model_sha256": info["sha256"], "data_sha256": data_sha,
+                   "images": len(data), "config": to_dict(cfg)}
+    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume, inputs=inputs, kind="cleanse") as out, \
+            resume_fingerprint(fingerprint):
         try:
             result = Cleanser(cfg).run(model, data, device=args.device, progress=args.progress,
                                        resume_dir=out.path / "resume")
@@ -233,20 +283,17 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
         report = {
             "bcu_version": __version__, "command": "bcu " + " ".join(sys.argv[1:]),
             "input": {"model": str(args.model), "sha256": info["sha256"], "data": str(args.data),
-                      "images": len(data), "data_sha256": data.fingerprint(), "labels_read": False},
+                      "images": len(data), "data_sha256": data_sha, "labels_read": False},
             "output": {"sha256": sidecar["sha256"]},
             "scores": scores or None,
             "der": (der(before, after) if attack is not None and test is not None else None),
             **result.info, "history": result.history,
         }
         write_cleanse_report(out.path, report, result.history)
-        import shutil
-
-        shutil.rmtree(out.path / "resume", ignore_errors=True)
         final = out.commit()
     dist.barrier()
     dist.shutdown()
-    print(f"cleansed model written to {final}/ (report: {final}/report.md)")
+    print(f"cleansed model written to {clean(final)}/ (report: {clean(final)}/report.md)")
     if scores:
         from .report import scores_table
 
@@ -255,13 +302,17 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_write_json
     from .config import parse_overrides
     from .data import load_dataset
     from .metrics import accuracy, attack_scores, der
+    from .output import OutputFile
     from .report import scores_table
 
     _setup_runtime(args)
+    json_out = None
+    if args.json:  # checked before the work: an existing file, a link, the model's own sidecar... are refused
+        json_out = OutputFile(args.json, overwrite=args.overwrite, flag="--json",
+                              inputs=_inputs(args.data, args.attack, models=[args.model, args.original])).check()
     model, info = load_model_from_args(args)
     test = load_dataset(args.data, split=args.split, labels=True)
     if test.shape != tuple(model.spec.input_shape):
@@ -290,8 +341,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(scores_table(named))
     if "der" in result:
         print(f"DER: {result['der']:.2f}")
-    if args.json:
-        atomic_write_json(args.json, result)
+    if json_out is not None:
+        json_out.write_json(result)
     return 0
 
 
@@ -341,12 +392,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
         train, holdout = split(train, args.holdout, seed=args.seed)
     import torch
 
-    torch.manual_seed(args.seed)
+    seeding.manual_seed(args.seed)
     kwargs = {"width": args.width} if args.width else {}
     mean = args.mean or tuple(float(v) for v in (train.images.float() / 255).mean((0, 2, 3)))
     std = args.std or tuple(float(v) for v in (train.images.float() / 255).std((0, 2, 3)))
     model = create_model(args.arch, num_classes, train.shape, mean=mean, std=std, classes=train.classes, **kwargs)
-    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume) as out:
+    from .config import to_dict
+    from .train import resume_fingerprint
+
+    fingerprint = {"command": "attack", "attack": args.attack, "attack_config": to_dict(attack.config),
+                   "data_sha256": train.fingerprint(), "images": len(train), "holdout": args.holdout,
+                   "arch": args.arch, "width": args.width, "mean": list(mean), "std": list(std),
+                   "optim": to_dict(optim), "augment": to_dict(augment), "seed": args.seed}
+    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume, inputs=_inputs(args.data),
+                   kind="attack") as out, resume_fingerprint(fingerprint):
         t0 = time.time()
         try:
             history = attack.train(model, train, optim, augment_cfg=augment, seed=args.seed, device=args.device,
@@ -370,11 +429,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if test is not None:
             metrics.update(attack_scores(model, test, attack, args.device).as_dict())
         atomic_write_json(out.path / "metrics.json", metrics)
-        import shutil
-
-        shutil.rmtree(out.path / "resume", ignore_errors=True)
         final = out.commit()
-    print(f"backdoored model written to {final}/" + (f" (held-out images: {final}/unlabeled.npz)" if holdout else ""))
+    shown = clean(final)
+    print(f"backdoored model written to {shown}/" + (f" (held-out images: {shown}/unlabeled.npz)" if holdout else ""))
     if test is not None:
         from .report import scores_table
 
@@ -401,7 +458,14 @@ def cmd_defend(args: argparse.Namespace) -> int:
             raise ConfigError(f"defense {args.defense!r} needs --data")
         data = load_dataset(args.data, split=args.split, labels=cls.uses_labels, progress=args.progress)
         _check_images(model, data, args.data)
-    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume) as out:
+    from .config import to_dict
+    from .train import resume_fingerprint
+
+    data_sha = data.fingerprint() if data is not None else None
+    fingerprint = {"command": "defend", "defense": args.defense, "config": to_dict(defense.config),
+                   "model_sha256": info["sha256"], "data_sha256": data_sha, "seed": args.seed}
+    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume, kind="defend",
+                   inputs=_inputs(args.data, args.config, models=[args.model])) as out, resume_fingerprint(fingerprint):
         try:
             result = run_defense(defense, model, data, device=args.device, seed=args.seed, progress=args.progress,
                                  resume_dir=out.path / "resume")
@@ -412,14 +476,11 @@ def cmd_defend(args: argparse.Namespace) -> int:
         atomic_write_json(out.path / "report.json", {
             "defense": args.defense, "uses_labels": cls.uses_labels, "input": {"model": str(args.model),
             "sha256": info["sha256"], "data": args.data,
-            "data_sha256": data.fingerprint() if data is not None else None},
+            "data_sha256": data_sha},
             "output": {"sha256": sidecar["sha256"]},
             "info": result.info, "history": result.history})
-        import shutil
-
-        shutil.rmtree(out.path / "resume", ignore_errors=True)
         final = out.commit()
-    print(f"{args.defense}: repaired model written to {final}/")
+    print(f"{args.defense}: repaired model written to {clean(final)}/")
     return 0
 
 
@@ -431,7 +492,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if info["sidecar"] and not info["sidecar"].get("sha256"):
         raise ModelError(f"sidecar of {info['path']} records no sha256: the weights cannot be verified")
     what = "matches its sidecar" if info["sidecar"] else "(no sidecar: architecture checked, no hash to compare)"
-    print(f"ok: {info['path']} sha256 {info['sha256']} {what}; architecture {spec.arch}, "
+    print(f"ok: {clean(info['path'])} sha256 {info['sha256']} {what}; architecture {spec.arch}, "
           f"{spec.num_classes} classes, input {'x'.join(map(str, spec.input_shape))}")
     return 0
 
@@ -465,7 +526,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"bench: {stats['computed']} teachers trained, {stats['cached']} reused, in {out}/teachers/")
         return 0
     print(f"bench: {stats['computed']} cells computed, {stats['cached']} reused, {stats['rows']} results in "
-          f"{out}/results.md (+ results.json, results.csv, acc_asr.png)")
+          f"{clean(out)}/results.md (+ results.json, results.csv, acc_asr.png)")
     return 0
 
 
@@ -484,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=None, help="cleanse epochs (default: the preset's)")
     d.add_argument("--attack-epochs", type=int, default=5)
     d.add_argument("--n-train", type=int, default=None, help="train the backdoored model on this many images")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_seed, default=0)
     add_runtime(d)
     d.set_defaults(func=cmd_demo)
 
@@ -499,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int)
     c.add_argument("--batch-size", type=int)
     c.add_argument("--lr", type=float)
-    c.add_argument("--seed", type=int)
+    c.add_argument("--seed", type=_seed)
     c.add_argument("--test-data", help="optional labelled test set, to put ACC/ASR in the report (never used to train)")
     c.add_argument("--attack", help="optional attack artifact or name, for ASR in the report")
     c.add_argument("--max-images", type=int, help="use a deterministic random subset of this many images")
@@ -517,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[], metavar="attack.KEY=VALUE")
     e.add_argument("--original", help="the model before defense, for DER")
     e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     add_model_options(e)
     add_runtime(e)
     e.set_defaults(func=cmd_evaluate)
@@ -537,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--epochs", type=int, default=5)
     a.add_argument("--batch-size", type=int, default=128)
     a.add_argument("--lr", type=float, default=0.05)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=_seed, default=0)
     a.add_argument("--holdout", type=int, default=5000,
                    help="keep this many training images out of training and save them as unlabeled.npz (0: none)")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -552,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--split", default="train", choices=["train", "test"])
     add_output(df)
     df.add_argument("--resume", action="store_true")
-    df.add_argument("--seed", type=int, default=0)
+    df.add_argument("--seed", type=_seed, default=0)
     add_config(df)
     add_model_options(df)
     add_runtime(df)
@@ -607,11 +669,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:  # the environment, not a bug: full disk, read-only or vanished files
         import errno
 
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        where = f": {clean(e.filename)}" if getattr(e, "filename", None) else ""
         if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
             print(f"bcu: error: disk full{where}", file=sys.stderr)
             return 5
-        print(f"bcu: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        print(f"bcu: error: {clean(e.strerror or type(e).__name__)}{where}", file=sys.stderr)
         return 5 if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else 1
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DataError
+from . import seeding
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -92,7 +95,7 @@ def split(data: ImageSet, n_holdout: int, seed: int = 0) -> Tuple[ImageSet, Imag
     """Deterministically split off ``n_holdout`` random images: returns (rest, holdout)."""
     if not 0 < n_holdout < len(data):
         raise DataError(f"cannot hold out {n_holdout} of {len(data)} images")
-    g = torch.Generator().manual_seed(seed)
+    g = seeding.generator(seed)
     perm = torch.randperm(len(data), generator=g)
     return data.subset(perm[n_holdout:].sort().values), data.subset(perm[:n_holdout].sort().values)
 
@@ -101,7 +104,7 @@ def take(data: ImageSet, n: int, seed: int = 0) -> ImageSet:
     """A deterministic random subset of ``n`` images (all of them if n >= len)."""
     if n >= len(data):
         return data
-    g = torch.Generator().manual_seed(seed)
+    g = seeding.generator(seed)
     return data.subset(torch.randperm(len(data), generator=g)[:n].sort().values)
 
 
@@ -115,30 +118,50 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     return line[:limit] or type(e).__name__
 
 
-def _read_maybe_gz(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        return raw
-    except (OSError, EOFError, gzip.BadGzipFile, ValueError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+def _read_exact(stream, n: int, path: Path) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise DataError(f"{path} has a truncated IDX header")
+    return data
 
 
 def read_idx(path: Union[str, Path]) -> np.ndarray:
-    """Parse an IDX file (MNIST/Fashion-MNIST format, optionally gzipped) into a uint8 array."""
+    """Parse an IDX file (MNIST/Fashion-MNIST format, optionally gzipped) into a uint8 array.
+
+    The header's dimensions are multiplied as Python integers (no overflow) and checked against
+    what the file can hold -- its size, or for gzip at most 1032 bytes per compressed byte (deflate's
+    limit) and :data:`bcu.untrusted.MAX_DECOMPRESSED_BYTES` -- before the body is read.
+    """
+    from .untrusted import MAX_DECOMPRESSED_BYTES, human, open_regular
+
     path = Path(path)
-    raw = _read_maybe_gz(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    if ndim < 1 or len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path} has a truncated IDX header")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
-    count = int(np.prod(dims))
-    body = raw[4 + 4 * ndim:]
-    if len(body) != count:
-        raise DataError(f"{path} is truncated or corrupt: header promises {count} bytes, found {len(body)}")
+    with open_regular(path, "data files", DataError) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            gz = fh.read(2) == b"\x1f\x8b"
+            fh.seek(0)
+            stream = gzip.GzipFile(fileobj=fh, mode="rb") if gz else fh
+            capacity = min(MAX_DECOMPRESSED_BYTES, 1032 * size + 1024) if gz else size
+            head = stream.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise DataError(f"{path} is not an unsigned-byte IDX file")
+            ndim = head[3]
+            if ndim < 1:
+                raise DataError(f"{path} has a truncated IDX header")
+            dims = struct.unpack(">" + "I" * ndim, _read_exact(stream, 4 * ndim, path))
+            count = math.prod(dims)  # a Python int: cannot overflow
+            if count > capacity - 4 - 4 * ndim:
+                raise DataError(f"{path} is truncated or corrupt: header promises {count} bytes "
+                                f"({'x'.join(map(str, dims))}), more than the file can hold ({human(capacity)})")
+            body = stream.read(count)
+            extra = stream.read(1)
+        except DataError:
+            raise
+        except (OSError, EOFError, zlib.error, ValueError, struct.error) as e:  # BadGzipFile is an OSError
+            raise DataError(f"cannot read {path}: {e}") from None
+    if len(body) != count or extra:
+        raise DataError(f"{path} is truncated or corrupt: header promises {count} bytes, found "
+                        f"{len(body) if len(body) != count else 'more'}")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims).copy()
 
 
@@ -172,14 +195,57 @@ def load_idx_dir(directory: Union[str, Path], split: str = "train", labels: bool
     return ImageSet(torch.from_numpy(x).unsqueeze(1).contiguous(), y, classes, f"{name}:{split}")
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles dicts/lists of numpy arrays and nothing else (CIFAR's python batches)."""
+def _array_bytes(shape, dtype) -> int:
+    """Bytes an array of ``shape`` and ``dtype`` (as a pickle names them) would take."""
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(v, int) and v >= 0 for v in shape):
+        raise pickle.UnpicklingError("an array with a malformed shape")
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+class _NumpyOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Unpickles dicts/lists of numpy arrays and nothing else (CIFAR's python batches).
+
+    The pure-Python unpickler (its memo is a dict: a crafted ``LONG_BINPUT 2**31`` cannot make it
+    allocate gigabytes), with only numpy's array-reconstruction globals allowed, no ``OBJ``/``INST``/
+    ``NEWOBJ``, and every array it is asked to create checked against the size of the file first: an
+    array bcu accepts has its bytes in the file.
+    """
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
     }
+
+    def __init__(self, file, limit: int, **kw) -> None:
+        super().__init__(file, **kw)
+        self.limit = limit
+        self.dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+        for op in (pickle.OBJ, pickle.INST, pickle.NEWOBJ, pickle.NEWOBJ_EX):
+            self.dispatch[op[0]] = type(self)._refuse_opcode
+        self.dispatch[pickle.REDUCE[0]] = type(self)._load_reduce
+
+    def _refuse_opcode(self) -> None:
+        raise pickle.UnpicklingError("refusing to build objects (OBJ/INST/NEWOBJ)")
+
+    def _load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if not isinstance(args, tuple):
+            raise pickle.UnpicklingError("REDUCE without an argument tuple")
+        name = getattr(func, "__name__", "")
+        if func is np.ndarray or name == "_reconstruct":  # both allocate an array of the given shape
+            shape, dtype = (args[0], args[1] if len(args) > 1 else float) if func is np.ndarray else (
+                (args[1], args[2]) if len(args) >= 3 else (None, None))
+            try:
+                n = _array_bytes(shape, dtype)
+            except (TypeError, ValueError) as e:
+                raise pickle.UnpicklingError(f"an array of an invalid type ({e})") from None
+            if n > self.limit:
+                raise pickle.UnpicklingError(f"an array of {n} bytes in a file of {self.limit}")
+        self.stack[-1] = func(*args)
 
     def find_class(self, module: str, name: str):  # noqa: D401
         if (module, name) in self.ALLOWED:
@@ -188,15 +254,41 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def safe_unpickle_arrays(path: Path) -> dict:
+    from .untrusted import MAX_PICKLE_BYTES, read_bounded
+
+    raw = read_bounded(path, MAX_PICKLE_BYTES, "CIFAR batches", DataError)
     try:
-        with open(path, "rb") as fh:
-            obj = _NumpyOnlyUnpickler(fh, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            OSError, struct.error) as e:
-        raise DataError(f"{path} is not a CIFAR python batch: {e}") from None
+        obj = _NumpyOnlyUnpickler(io.BytesIO(raw), len(raw), encoding="latin1").load()
+    except RecursionError:
+        raise DataError(f"{path} is not a CIFAR python batch: nested too deeply") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            OSError, struct.error, MemoryError, OverflowError, UnicodeError) as e:
+        raise DataError(f"{path} is not a CIFAR python batch: {_one_line(e)}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path} is not a CIFAR python batch (no dict inside)")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_labels(value, n: int, where: str) -> np.ndarray:
+    """CIFAR labels: a flat list (or 1-D integer array) of ``n`` integers, checked before numpy sees it."""
+    if isinstance(value, np.ndarray):
+        ok = value.ndim == 1 and np.issubdtype(value.dtype, np.integer) and len(value) == n
+    else:
+        ok = isinstance(value, list) and len(value) == n and all(
+            type(v) is int or isinstance(v, np.integer) for v in value)
+    if not ok:
+        raise DataError(f"{where}: labels must be a list of {n} integers")
+    y = np.asarray(value, dtype=np.int64)
+    if len(y) and (y.min() < 0 or y.max() >= 100_000):
+        raise DataError(f"{where}: labels must be class numbers in [0, 100000)")
+    return y
+
+
+def _cifar_names(value, where: str) -> List[str]:
+    if not isinstance(value, (list, tuple)) or len(value) > 100_000 or not all(
+            isinstance(n, (bytes, str)) and len(n) <= 256 for n in value):
+        raise DataError(f"{where}: label names must be a list of short texts")
+    return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in value]
 
 
 def load_cifar_dir(directory: Union[str, Path], split: str = "train", labels: bool = True) -> ImageSet:
@@ -213,20 +305,21 @@ def load_cifar_dir(directory: Union[str, Path], split: str = "train", labels: bo
         if not f.is_file():
             raise DataError(f"missing CIFAR batch {f}")
         batch = safe_unpickle_arrays(f)
-        data = np.asarray(batch.get("data"))
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        data = batch.get("data")  # an array whose bytes were in the file; never a list numpy would expand
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"{f}: 'data' must be a uint8 array of shape (N, 3072)")
-        xs.append(data.reshape(-1, 3, 32, 32))
+        xs.append(np.ascontiguousarray(data).reshape(-1, 3, 32, 32))
         if labels:
             if label_key not in batch:
                 raise DataError(f"{f}: no '{label_key}' entry")
-            ys.append(np.asarray(batch[label_key], dtype=np.int64))
+            ys.append(_cifar_labels(batch[label_key], len(data), str(f)))
     classes = None
     if meta_file.is_file():
         meta = safe_unpickle_arrays(meta_file)
         names = meta.get(names_key)
         if names is not None:
-            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+            classes = _cifar_names(names, str(meta_file))
+    _check_resident(sum(x.nbytes for x in xs), str(d))
     x = torch.from_numpy(np.concatenate(xs)).contiguous()
     y = torch.from_numpy(np.concatenate(ys)) if labels else None
     return ImageSet(x, y, classes, f"cifar:{split}")
@@ -256,19 +349,101 @@ def _to_nchw_uint8(x: np.ndarray, where: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+def _check_resident(nbytes: int, where: str) -> None:
+    from .untrusted import MAX_RESIDENT_BYTES, human
+
+    if nbytes > MAX_RESIDENT_BYTES:
+        raise DataError(f"{where}: the images take {human(nbytes)}, more than the {human(MAX_RESIDENT_BYTES)} bcu "
+                        f"loads into memory (use --stream for folders, .npy and uncompressed .npz)")
+
+
+def _npy_header(f, version):
+    """(shape, fortran_order, dtype) of a .npy stream positioned after its magic (any format version)."""
+    try:
+        from numpy.lib._format_impl import _read_array_header  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.lib.format import _read_array_header  # type: ignore[attr-defined,no-redef]
+    return _read_array_header(f, version)
+
+
+class NpzArchive:
+    """An ``.npz`` read member by member with every declared size checked before it is allocated:
+    a member's ``.npy`` header (shape x dtype) must fit in the member, and the member in the file
+    (stored) or in :data:`bcu.untrusted.MAX_DECOMPRESSED_BYTES` and deflate's 1032:1 (compressed).
+    Object arrays are refused (they would need unpickling). Only a regular file is opened."""
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        import zipfile
+
+        from .untrusted import open_regular
+
+        self.path = Path(path)
+        self.fh = open_regular(self.path, "data files", DataError)
+        self.size = os.fstat(self.fh.fileno()).st_size
+        try:
+            self.zip = zipfile.ZipFile(self.fh)
+        except BaseException:
+            self.fh.close()
+            raise
+        names = self.zip.namelist()
+        self.members = {n[:-4] if n.endswith(".npy") else n: n for n in names}
+        self.files = list(self.members)
+
+    def __enter__(self) -> "NpzArchive":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.zip.close()
+        self.fh.close()
+
+    def header(self, key: str):
+        """(shape, fortran_order, dtype, info) of member ``key`` after the size checks."""
+        import zipfile
+
+        from .untrusted import MAX_DECOMPRESSED_BYTES, human
+
+        info = self.zip.getinfo(self.members[key])
+        stored = info.compress_type == zipfile.ZIP_STORED
+        capacity = self.size if stored else min(MAX_DECOMPRESSED_BYTES, 1032 * info.compress_size + 4096)
+        if info.file_size > capacity:
+            raise DataError(f"{self.path}: member {key} declares {human(info.file_size)}, more than the file can hold")
+        with self.zip.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = _npy_header(f, version)
+            offset = f.tell()
+        if dtype.hasobject:
+            raise DataError(f"{self.path} is not a readable .npz file: Object arrays cannot be loaded when "
+                            f"allow_pickle=False")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > info.file_size - offset:
+            raise DataError(f"{self.path}: {key} declares shape {tuple(shape)} ({human(nbytes)}), more than the "
+                            f"file holds")
+        return shape, fortran, dtype, info
+
+    def read(self, key: str) -> np.ndarray:
+        self.header(key)
+        with self.zip.open(self.members[key]) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+
+
 def load_npz(path: Union[str, Path], split: str = "train", labels: bool = True) -> ImageSet:
     """A .npz with ``x``/``images`` (and ``y``/``labels``), or ``x_train``/``x_test`` pairs."""
     p = Path(path)
     try:
-        with np.load(p, allow_pickle=False) as z:
+        with NpzArchive(p) as z:
             keys = set(z.files)
             for xk, yk in ((f"x_{split}", f"y_{split}"), ("x", "y"), ("images", "labels")):
                 if xk in keys:
-                    x = z[xk]
-                    y = z[yk] if (labels and yk in keys) else None
+                    shape, _, dtype, _ = z.header(xk)
+                    _check_resident(math.prod(shape) * dtype.itemsize, str(p))
+                    x = z.read(xk)
+                    y = z.read(yk) if (labels and yk in keys) else None
                     break
             else:
-                raise DataError(f"{p}: no 'x', 'images' or 'x_{split}' array (found {sorted(keys)})")
+                raise DataError(f"{p}: no 'x', 'images' or 'x_{split}' array (found {sorted(keys)[:20]})")
     except DataError:
         raise
     except Exception as e:  # numpy's header parser can raise SyntaxError, tokenize.TokenError, ...: all "unreadable"
@@ -310,24 +485,51 @@ def list_image_files(directory: Path) -> Tuple[List[Path], List[int], List[str]]
 
 def read_image(path: Path, channels: Optional[int] = None,
                size: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    """One image file as a uint8 (C, H, W) array; 16-bit is scaled, alpha is dropped."""
+    """One image file as a uint8 (C, H, W) array; 16-bit is scaled, alpha is dropped.
+
+    Only regular files are opened; an image whose header declares more than
+    :data:`bcu.untrusted.MAX_IMAGE_PIXELS` pixels is refused before it is decoded.
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    from .untrusted import MAX_IMAGE_PIXELS, open_regular
+
+    def too_big(w: int, h: int) -> DataError:
+        return DataError(f"cannot read image {path}: it is {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} "
+                         f"bcu decodes (docs/security.md)")
+
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.int64)
-                arr = np.clip(arr >> 8 if arr.max() > 255 else arr, 0, 255).astype(np.uint8)
-                im = Image.fromarray(arr, mode="L")
-            want = channels or (1 if im.mode in ("L", "1", "P") and im.mode != "P" else 3)
-            im = im.convert("L" if want == 1 else "RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        with open_regular(path, "images", DataError) as fh, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fh) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise too_big(w, h)
+                im.load()
+                mode = im.mode
+                if mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im, dtype=np.int64)
+                    arr = np.clip(arr >> 8 if arr.max() > 255 else arr, 0, 255).astype(np.uint8)
+                    im = Image.fromarray(arr, mode="L")
+                want = channels or (1 if im.mode in ("L", "1", "P") and im.mode != "P" else 3)
+                im = im.convert("L" if want == 1 else "RGB")
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's own, larger limit
+        import re
+
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise DataError(f"cannot read image {path}: {m.group(1) if m else 'too many'} pixels, more than the "
+                        f"{MAX_IMAGE_PIXELS} bcu decodes (docs/security.md)") from None
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read image {path}: cannot identify image file {str(path)!r}") from None
+    except Exception as e:  # a decoder failing on untrusted bytes, whatever it raises: "cannot read"
+        raise DataError(f"cannot read image {path}: {_one_line(e)}") from None
     if arr.ndim == 2:
         arr = arr[None]
     else:
@@ -346,13 +548,17 @@ def load_image_folder(directory: Union[str, Path], labels: bool = True, channels
         channels = read_image(files[0]).shape[0]
     from .progress import progress_bar
 
+    from .errors import clean
+
     arrays = []
-    for f in progress_bar(files, desc=f"reading {d.name}", disable=not progress, unit="img"):
+    for f in progress_bar(files, desc=f"reading {clean(d.name, 60)}", disable=not progress, unit="img"):
         a = read_image(f, channels, size)
         if arrays and a.shape != arrays[0].shape:
             raise DataError(f"{f} is {a.shape[2]}x{a.shape[1]}x{a.shape[0]} but {files[0].name} is "
                             f"{arrays[0].shape[2]}x{arrays[0].shape[1]}x{arrays[0].shape[0]}: all images in a folder "
                             f"must have the same size (resize them first)")
+        if not arrays:
+            _check_resident(len(files) * a.nbytes, str(d))
         arrays.append(a)
     x = torch.from_numpy(np.stack(arrays))
     y = None
@@ -396,6 +602,10 @@ def load_dataset(spec: Union[str, Path], split: str = "train", labels: bool = Tr
     p = Path(s)
     if not p.exists():
         raise DataError(f"data {s!r} does not exist (give a folder, a .npz file, or 'fashion-mnist')")
+    if not p.is_dir():
+        from .untrusted import require_regular
+
+        require_regular(p, "data files", DataError)  # a FIFO or a device is neither a folder nor a file
     if p.is_file():
         if p.suffix.lower() == ".npz":
             return load_npz(p, split, labels)
@@ -421,10 +631,10 @@ def make_synthetic(n: int, shape: Tuple[int, int, int] = (1, 28, 28), num_classe
     ``template_seed`` fixes the task (same templates for train and test); ``seed`` the samples.
     """
     c, h, w = shape
-    tg = torch.Generator().manual_seed(template_seed)
+    tg = seeding.generator(template_seed)
     coarse = torch.rand(num_classes, c, max(2, h // 7), max(2, w // 7), generator=tg)
     templates = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-    g = torch.Generator().manual_seed(seed)
+    g = seeding.generator(seed)
     y = torch.randint(0, num_classes, (n,), generator=g)
     shift = torch.rand(n, 1, 1, 1, generator=g) * 0.3 - 0.15
     noise = torch.randn(n, c, h, w, generator=g) * 0.12
@@ -442,6 +652,15 @@ def synthetic_from_spec(spec: str, split: str, labels: bool) -> ImageSet:
             raise ValueError
     except ValueError:
         raise DataError(f"bad synthetic spec {spec!r}: use synthetic[:N[:CxHxW]]") from None
+    from .errors import ConfigError
+    from .untrusted import check_image_shape
+
+    try:
+        check_image_shape(shape, f"synthetic spec {spec!r}: the image shape")
+    except ConfigError as e:
+        raise DataError(str(e)) from None
+    if n * math.prod(shape) > 1 << 30:
+        raise DataError(f"bad synthetic spec {spec!r}: at most 2^30 pixel values in all")
     ds = make_synthetic(n if split == "train" else max(n // 5, 100), shape, 10, seed=0 if split == "train" else 1)
     return ds if labels else ds.without_labels()
 
@@ -479,7 +698,7 @@ def sample_beta(n: int, alpha: float, generator: Optional[torch.Generator] = Non
     """``n`` draws from Beta(alpha, alpha), reproducible through ``generator``."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        seeding.manual_seed(seed)
         a = torch._standard_gamma(torch.full((n,), float(alpha)))
         b = torch._standard_gamma(torch.full((n,), float(alpha)))
     return a / (a + b).clamp_min(1e-12)
@@ -545,10 +764,19 @@ class AugmentConfig:
     hflip: bool = field(default=True, metadata={"help": "random horizontal flip"})
 
     def __post_init__(self) -> None:
-        if self.crop_pad < 0:
-            from .errors import ConfigError
+        from .errors import ConfigError
+        from .untrusted import MAX_SIDE
 
-            raise ConfigError(f"crop_pad must be >= 0, got {self.crop_pad}")
+        if not 0 <= self.crop_pad <= MAX_SIDE:
+            raise ConfigError(f"crop_pad must be in [0, {MAX_SIDE}], got {self.crop_pad}")
+
+    def check_images(self, shape: Sequence[int]) -> None:
+        """Padding beyond the image size only allocates: it is refused for the images at hand."""
+        from .errors import ConfigError
+
+        h, w = int(shape[-2]), int(shape[-1])
+        if self.crop_pad > max(h, w):
+            raise ConfigError(f"augment.crop_pad {self.crop_pad} is larger than the {h}x{w} images")
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -16,10 +16,12 @@ from .checkpoint import OutputDir, atomic_write_json, save_model
 from .config import to_dict
 from .data import AugmentConfig, load_dataset, split, take
 from .defenses.bcu import Cleanser, preset
+from .errors import clean
 from .metrics import attack_scores
 from .models import create_model
 from .report import scores_table, write_cleanse_report
 from .train import OptimConfig
+from . import seeding
 
 DEMO_ARCH = "cnn-small"
 DEMO_ATTACK = {"target": 0, "poison_rate": 0.1}
@@ -41,14 +43,16 @@ def run_demo(out: Path = Path("runs/demo"), overwrite: bool = False, attack_epoc
     mean = tuple(float(v) for v in pix.mean((0, 2, 3)))
     std = tuple(float(v) for v in pix.std((0, 2, 3)))
     del pix
-    torch.manual_seed(seed)
+    seeding.manual_seed(seed)
     model = create_model(DEMO_ARCH, k, train_all.shape, mean=mean, std=std, classes=train_all.classes)
     attack_optim = OptimConfig(epochs=attack_epochs, batch_size=128, lr=0.05)
     cfg = preset(preset_name, {"seed": seed, **({"optim": {"epochs": cleanse_epochs}} if cleanse_epochs else {})})
-    print(f"bcu demo: {len(rest)} training images ({data}), {len(unlabeled)} held out as unlabeled, "
+    print(f"bcu demo: {len(rest)} training images ({clean(data)}), {len(unlabeled)} held out as unlabeled, "
           f"{len(test)} test images; model {DEMO_ARCH}; attack badnets (target {DEMO_ATTACK['target']}, "
           f"{DEMO_ATTACK['poison_rate']:.0%} poisoned)", flush=True)
-    with OutputDir(out, overwrite=overwrite) as o:
+    from .cli import _inputs
+
+    with OutputDir(out, overwrite=overwrite, inputs=_inputs(data), kind="demo") as o:
         t0 = time.time()
         attack.train(model, rest, attack_optim, augment_cfg=AugmentConfig(), seed=seed, device=device,
                      progress=progress)
@@ -90,5 +94,5 @@ def run_demo(out: Path = Path("runs/demo"), overwrite: bool = False, attack_epoc
         final = o.commit()
     print(f"  cleansed in {t_cleanse:.1f}s ({result.info['epochs_run']} epochs on unlabeled images)\n")
     print(scores_table({"backdoored (teacher)": metrics["teacher"], "cleansed (bcu)": metrics["cleansed"]}))
-    print(f"\nwritten to {final}/ (metrics.json, report.md, curves.png, suspicious/, cleansed/)")
+    print(f"\nwritten to {clean(final)}/ (metrics.json, report.md, curves.png, suspicious/, cleansed/)")
     return metrics

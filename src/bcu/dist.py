@@ -10,6 +10,8 @@ Without those variables every function here is a no-op for one process.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import io
 import os
 from datetime import timedelta
@@ -67,16 +69,37 @@ def device_for(device: str) -> str:
 
 
 def init(device: Any = "cpu") -> bool:
-    """Initialise the process group if torchrun launched us and nobody has yet; True when distributed."""
+    """Initialise the process group if torchrun launched us and nobody has yet; True when distributed.
+
+    ``torch._dynamo`` is imported *before* the group exists: DistributedDataParallel imports it on
+    construction, and imported after ``init_process_group`` it keeps a reference to the group that
+    :func:`shutdown` cannot drop, so gloo's worker threads outlive ``destroy_process_group``. A
+    worker thread still releasing a finished collective's tensors while the interpreter finalizes
+    then needs the GIL, cannot get it, and aborts the process ("terminate called without an active
+    exception", SIGABRT; torchrun then SIGTERMs the other rank). See docs/distributed.md.
+    """
     if not launched() or not td.is_available():
         return False
     if not td.is_initialized():
+        import torch._dynamo  # noqa: F401  (before the group: see above)
+
         dev = torch.device(device)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev.index if dev.index is not None else local_rank())
-        td.init_process_group(backend=backend, timeout=timedelta(minutes=int(os.environ.get("BCU_DIST_TIMEOUT_MIN", "30"))))
+        try:
+            minutes = int(os.environ.get("BCU_DIST_TIMEOUT_MIN", "30"))
+        except ValueError:
+            minutes = 30
+        td.init_process_group(backend=backend, timeout=timedelta(minutes=max(1, minutes)))
+        global _ATEXIT
+        if not _ATEXIT:  # a run that ends by an exception still tears the group down before finalization
+            atexit.register(shutdown, False)
+            _ATEXIT = True
     return td.get_world_size() > 1
+
+
+_ATEXIT = False
 
 
 def barrier() -> None:
@@ -84,9 +107,19 @@ def barrier() -> None:
         td.barrier()
 
 
-def shutdown() -> None:
-    if td.is_available() and td.is_initialized():
-        td.destroy_process_group()
+def shutdown(sync: bool = True) -> None:
+    """Tear the process group down while the interpreter is fully alive, in this order: a barrier
+    (no rank leaves while another still has collectives in flight), a garbage collection (the
+    DistributedDataParallel wrapper of the last fit sits in reference cycles and holds the group),
+    then ``destroy_process_group``, which drops the last reference: gloo joins its worker threads.
+    No thread of the group survives into interpreter shutdown (tests/test_dist.py checks)."""
+    if not (td.is_available() and td.is_initialized()):
+        return
+    if sync and active():
+        td.barrier()
+    gc.collect()
+    td.destroy_process_group()
+    gc.collect()
 
 
 def _comm_device() -> torch.device:

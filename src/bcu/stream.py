@@ -30,7 +30,10 @@ def default_workers() -> int:
     """Reader processes: BCU_STREAM_WORKERS, else min(4, cores)."""
     env = os.environ.get("BCU_STREAM_WORKERS")
     if env:
-        return max(0, int(env))
+        try:
+            return min(64, max(0, int(env)))
+        except ValueError:
+            raise DataError(f"BCU_STREAM_WORKERS must be a number of processes, got {env[:20]!r}") from None
     return min(4, os.cpu_count() or 1)
 
 
@@ -97,6 +100,9 @@ class StreamingImages:
         self.root = os.fsencode(str(root)) if root is not None else b""
         self.files = (files if isinstance(files, np.ndarray) else np.array([os.fsencode(str(f)) for f in files])
                       ) if files is not None else None
+        if array is not None and (not hasattr(array, "shape") or len(array.shape) not in (3, 4)):
+            raise DataError(f"{name}: expected images of shape (N, H, W), (N, C, H, W) or (N, H, W, C), got "
+                            f"{tuple(getattr(array, 'shape', ()))}")
         self.array = array
         total = len(self.files) if self.files is not None else int(array.shape[0])
         self.index = torch.arange(total) if index is None else torch.as_tensor(index, dtype=torch.long)
@@ -226,46 +232,57 @@ def is_streaming(data) -> bool:
 
 
 def npz_memmap(path: Union[str, Path], key: str) -> Optional[np.memmap]:
-    """A read-only memory map of member ``key``.npy of an uncompressed .npz (None if compressed)."""
+    """A read-only memory map of member ``key``.npy of an uncompressed .npz (None if compressed).
+
+    The member's declared shape is checked against its size first (:class:`bcu.data.NpzArchive`).
+    """
+    import zipfile
+
+    from .data import NpzArchive
+
     p = Path(path)
-    with zipfile.ZipFile(p) as z:
-        info = z.getinfo(key + ".npy")
+    with NpzArchive(p) as z:
+        shape, fortran, dtype, info = z.header(key)
         if info.compress_type != zipfile.ZIP_STORED:
             return None
-    with open(p, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
+        fh = z.fh
+        fh.seek(info.header_offset)
+        local = fh.read(30)
         if local[:4] != b"PK\x03\x04":
             raise DataError(f"{p}: damaged zip header for {key}")
         name_len = int.from_bytes(local[26:28], "little")
         extra_len = int.from_bytes(local[28:30], "little")
         start = info.header_offset + 30 + name_len + extra_len
-        f.seek(start)
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        offset = f.tell()
-    if dtype.hasobject:
-        raise DataError(f"{p}: {key} holds Python objects (refused)")
+        fh.seek(start)
+        version = np.lib.format.read_magic(fh)
+        from .data import _npy_header
+
+        _npy_header(fh, version)
+        offset = fh.tell()
+    if offset + int(np.prod(shape, dtype=object)) * dtype.itemsize > z.size:
+        raise DataError(f"{p}: {key} declares more bytes than the file holds")
     return np.memmap(p, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
 
 
 def _npz_stream(p: Path, split: str, labels: bool, **kw) -> Optional[StreamingImages]:
+    from .data import NpzArchive
+
     try:
-        with np.load(p, allow_pickle=False) as z:
+        with NpzArchive(p) as z:
             keys = set(z.files)
             for xk, yk in ((f"x_{split}", f"y_{split}"), ("x", "y"), ("images", "labels")):
                 if xk in keys:
                     break
             else:
-                raise DataError(f"{p}: no 'x', 'images' or 'x_{split}' array (found {sorted(keys)})")
+                raise DataError(f"{p}: no 'x', 'images' or 'x_{split}' array (found {sorted(keys)[:20]})")
             y = None
             if labels:
                 if yk not in keys:
                     raise DataError(f"{p}: no labels ('y', 'labels' or 'y_{split}')")
-                y = torch.from_numpy(np.asarray(z[yk]).astype(np.int64))
+                yy = z.read(yk)
+                if yy.ndim != 1 or not np.issubdtype(yy.dtype, np.integer):
+                    raise DataError(f"{p}: labels must be a list of integers")
+                y = torch.from_numpy(yy.astype(np.int64))
         arr = npz_memmap(p, xk)
     except DataError:
         raise
@@ -318,6 +335,9 @@ def load_stream(spec: Union[str, Path], split: str = "train", labels: bool = Tru
     p = Path(s)
     kw = {"workers": workers}
     if p.is_file() and p.suffix.lower() == ".npy":
+        from .untrusted import require_regular
+
+        require_regular(p, "data files", DataError)
         try:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
         except Exception as e:  # numpy's header parser raises SyntaxError, TokenError, ...: all "unreadable"

@@ -9,9 +9,13 @@ from ``(seed, epoch)``, so a resumed run is bit-identical to an uninterrupted on
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
+import json
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Protocol, Tuple
@@ -22,8 +26,9 @@ from torch import nn
 
 from .config import check
 from .data import AugmentConfig, ImageSet, augment, batches, to_float
-from .errors import BcuError, DataError, Interrupted
+from .errors import BcuError, DataError, Interrupted, show
 from .progress import progress_bar
+from . import seeding
 
 
 @dataclass
@@ -90,7 +95,7 @@ EpochHook = Callable[[int, nn.Module], Optional[Dict[str, Any]]]
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) * 7919 + 17)
+    return seeding.generator(int(seed) * 1_000_003 + int(epoch) * 7919 + 17)
 
 
 def cross_entropy_objective(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor],
@@ -118,25 +123,209 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
+# -------------------------------------------------------------------------------------------------
+# resume checkpoints: what they record, and everything checked before one is used
+
+_FINGERPRINT: "contextvars.ContextVar[Optional[Dict[str, Any]]]" = contextvars.ContextVar(
+    "bcu_resume_fingerprint", default=None)
+MAX_HISTORY_KEYS = 64
+
+
+@contextlib.contextmanager
+def resume_fingerprint(fingerprint: Dict[str, Any]):
+    """Inside this block every resume checkpoint records ``fingerprint`` (the hashes of the inputs
+    and the full config of the run), and a checkpoint read back must record the same, or
+    :class:`~bcu.errors.ResumeMismatch` names the first difference. The CLI wraps each command."""
+    token = _FINGERPRINT.set(json.loads(json.dumps(fingerprint, default=str)))  # plain JSON values
+    try:
+        yield
+    finally:
+        _FINGERPRINT.reset(token)
+
+
+def _first_difference(saved: Any, now: Any, where: str = "") -> Optional[Tuple[str, Any, Any]]:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for k in list(now) + [k for k in saved if k not in now]:
+            d = _first_difference(saved.get(k, "<missing>"), now.get(k, "<missing>"), f"{where}{k}.")
+            if d:
+                return d
+        return None
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        for i, (a, b) in enumerate(zip(saved, now)):
+            d = _first_difference(a, b, f"{where}{i}.")
+            if d:
+                return d
+        return None
+    return None if saved == now and type(saved) is type(now) else (where.rstrip("."), saved, now)
+
+
 def _save_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
                  history: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
     from .checkpoint import atomic_write_bytes
 
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "history": history, "extra": extra}, buf)
+                "history": history, "extra": extra, "fingerprint": _FINGERPRINT.get()}, buf)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path / "state.pt", buf.getvalue())
 
 
-def load_resume(path: Path) -> Optional[Dict[str, Any]]:
-    f = path / "state.pt"
-    if not f.is_file():
+def read_checkpoint(f: Path) -> Optional[Dict[str, Any]]:
+    """A resume checkpoint file as a dict (None when there is none): a regular file of at most
+    :data:`bcu.untrusted.MAX_CHECKPOINT_BYTES`, read with ``weights_only=True``, recording the
+    inputs and settings of this run (see :func:`resume_fingerprint`)."""
+    from .checkpoint import _check_zip_members
+    from .errors import ModelError, ResumeMismatch
+    from .untrusted import MAX_CHECKPOINT_BYTES, read_bounded
+
+    if not os.path.lexists(f):
         return None
+    raw = read_bounded(f, MAX_CHECKPOINT_BYTES, "resume checkpoints", BcuError)
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        _check_zip_members(raw, f)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # a checkpoint cut short by a kill: say so, never guess
-        raise BcuError(f"resume checkpoint {f} is unreadable ({type(e).__name__}); start again without --resume") from None
+        kind = "ModelError" if isinstance(e, ModelError) else type(e).__name__
+        raise BcuError(f"resume checkpoint {f} is unreadable ({kind}); start again without --resume") from None
+    if not isinstance(obj, dict):
+        raise BcuError(f"resume checkpoint {f} is malformed (not a table of fields); start again without --resume")
+    expected = _FINGERPRINT.get()
+    if expected is not None:
+        saved = obj.get("fingerprint")
+        if not isinstance(saved, dict):
+            raise ResumeMismatch(f"resume checkpoint {f} does not record its inputs and settings (an older bcu?): "
+                                 f"start again without --resume")
+        d = _first_difference(saved, expected)
+        if d:
+            key, was, now = d
+            raise ResumeMismatch(f"resume checkpoint {f} was written for other inputs or settings: {key} is "
+                                 f"{show(was)} there, {show(now)} now; run the command it was started with, or start "
+                                 f"again without --resume")
+    return obj
+
+
+def load_resume(path: Path) -> Optional[Dict[str, Any]]:
+    """The checkpoint in ``path/state.pt`` (see :func:`read_checkpoint`); fields are checked by fit."""
+    return read_checkpoint(path / "state.pt")
+
+
+def _malformed(f: Path, field: str, why: str) -> BcuError:
+    return BcuError(f"resume checkpoint {f} is malformed ({field}: {why}); start again without --resume")
+
+
+def _plain_number(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, int) and abs(v) < 2 ** 63) or (isinstance(v, float) and math.isfinite(v))
+
+
+def check_state_dict(state: Any, own: Dict[str, torch.Tensor], f: Path, field: str = "model") -> Dict[str, torch.Tensor]:
+    """A saved state dict against the module's own: same keys, shapes, castable dtypes, finite values."""
+    from .checkpoint import SUPPORTED_DTYPES
+
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise _malformed(f, field, "not a table of named tensors")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise _malformed(f, field, f"it does not match this architecture: {'missing' if missing else 'unexpected'} "
+                                   f"{show((missing or unexpected)[0])} (was the model or its options changed?)")
+    out = {}
+    for k, v in own.items():
+        s = state[k]
+        if s.layout != torch.strided or s.dtype not in SUPPORTED_DTYPES:
+            raise _malformed(f, field, f"{show(k)} has an unsupported dtype {s.dtype}")
+        if tuple(s.shape) != tuple(v.shape):
+            raise _malformed(f, field, f"{show(k)} has shape {tuple(s.shape)}, this architecture expects "
+                                       f"{tuple(v.shape)} (was the model or its options changed?)")
+        c = s.to(v.dtype)
+        if c.is_floating_point() and not torch.isfinite(c).all():
+            raise _malformed(f, field, f"{show(k)} holds NaN or Inf")
+        out[k] = c
+    return out
+
+
+def _restore(state: Dict[str, Any], f: Path, model: nn.Module, opt: torch.optim.Optimizer,
+             optim: "OptimConfig") -> Tuple[int, List[Dict[str, Any]], Dict[str, Any]]:
+    """Check every field of a resume checkpoint, then load it: (first epoch to run, history, extra)."""
+    epoch = state.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < optim.epochs:
+        raise _malformed(f, "epoch", f"expected a finished epoch in [0, {optim.epochs - 1}], got "
+                                     f"{show(epoch)}")
+    history = state.get("history")
+    if not isinstance(history, list) or len(history) != epoch + 1:
+        raise _malformed(f, "history", f"expected one row for each of the {epoch + 1} finished epochs")
+    for i, row in enumerate(history):
+        if not isinstance(row, dict) or len(row) > MAX_HISTORY_KEYS or row.get("epoch") != i + 1 or not all(
+                isinstance(k, str) and len(k) <= 64 and (_plain_number(v) or (isinstance(v, str) and len(v) <= 256))
+                for k, v in row.items()):
+            raise _malformed(f, "history", f"row {i + 1} is not a table of numbers for epoch {i + 1}")
+    extra = state.get("extra", {})
+    if not isinstance(extra, dict) or not isinstance(extra.get("stopped", False), bool):
+        raise _malformed(f, "extra", "expected a table with a true/false 'stopped'")
+    model_state = check_state_dict(state.get("model"), model.state_dict(), f)
+    saved_opt = state.get("optimizer")
+    if not isinstance(saved_opt, dict) or not isinstance(saved_opt.get("state"), dict) or not isinstance(
+            saved_opt.get("param_groups"), list):
+        raise _malformed(f, "optimizer", "not an optimizer state")
+    from .checkpoint import SUPPORTED_DTYPES
+
+    for entry in saved_opt["state"].values():
+        if not isinstance(entry, dict) or not all(
+                not isinstance(v, torch.Tensor) or (v.layout == torch.strided and v.dtype in SUPPORTED_DTYPES)
+                for v in entry.values()):
+            raise _malformed(f, "optimizer", "its state holds something else than tensors of a supported dtype")
+    current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    try:
+        model.load_state_dict(model_state)
+        opt.load_state_dict(saved_opt)
+    except Exception as e:  # group sizes, missing keys, wrong types: torch names it
+        raise _malformed(f, "optimizer", _first_line_of(e)) from None
+    for group, settings in zip(opt.param_groups, current):  # hyper-parameters come from this run's config
+        group.update(settings)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for name, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and (tuple(v.shape) != tuple(p.shape) or (
+                        v.is_floating_point() and not torch.isfinite(v).all())):
+                    raise _malformed(f, "optimizer", f"{name} does not match its parameter")
+                if isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point() and not torch.isfinite(v):
+                    raise _malformed(f, "optimizer", f"{name} is not finite")
+    return epoch + 1, list(history), extra
+
+
+def _first_line_of(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def _check_batch_norm(model: nn.Module, shape: Tuple[int, ...], batch: int, dev: torch.device,
+                      fmt: torch.memory_format) -> None:
+    """A batch of ``batch`` images must give every BatchNorm layer more than one value per channel
+    (else training fails inside torch); tried once, in eval mode, on an all-zero batch."""
+    from .errors import ConfigError
+
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if batch > 1 or not norms:
+        return
+    seen: List[Tuple[str, Tuple[int, ...]]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=n: seen.append((name, tuple(inp[0].shape))))
+             for n, m in norms]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((batch, *shape), device=dev).contiguous(memory_format=fmt))
+    except Exception:  # the model cannot run this input at all: training will say why
+        return
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    for name, s in seen:
+        if s and s[0] * math.prod(s[2:]) <= 1:
+            raise ConfigError(f"batch_size {batch} is too small for this model: its BatchNorm layer {name} would see "
+                              f"one value per channel on {'x'.join(map(str, shape))} images (use a batch size >= 2)")
 
 
 def _chunks(order: torch.Tensor, batch_size: int, drop_last: bool) -> List[torch.Tensor]:
@@ -211,14 +400,13 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
     if distributed:
         state = bdist.broadcast_state(state)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history = list(state["history"])
-        start = int(state["epoch"]) + 1
-        if state.get("extra", {}).get("stopped"):
+        start, history, extra = _restore(state, Path(resume_dir) / "state.pt", model, opt, optim)
+        if extra.get("stopped"):
             start = optim.epochs
         if hasattr(epoch_hook, "restore"):  # stateful hooks (early stopping) replay the saved history
             epoch_hook.restore(history)
+    if augment_cfg is not None:
+        augment_cfg.check_images(data.shape)
     batch_size = optim.batch_size
     run_model: nn.Module = model
     if distributed:
@@ -230,6 +418,9 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         run_model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    per_rank = len(data) // world if distributed else len(data)
+    smallest = min((len(c) for c in _chunks(torch.arange(per_rank), batch_size, drop_last)), default=batch_size)
+    _check_batch_norm(model, tuple(data.shape), smallest, dev, fmt)
     run_model = _compiled(run_model, getattr(optim, "compile", False))
     resident: Optional[ImageSet] = None
     if not streaming:

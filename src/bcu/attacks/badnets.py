@@ -8,6 +8,7 @@ import torch
 
 from ..config import check
 from .base import ATTACKS, Attack, AttackConfig
+from .. import seeding
 
 
 @dataclass
@@ -47,7 +48,7 @@ class BadNets(Attack):
         elif self.config.pattern == "white":
             patch = torch.ones(c, p, q)
         else:
-            patch = torch.rand(c, p, q, generator=torch.Generator().manual_seed(self.config.seed))
+            patch = torch.rand(c, p, q, generator=seeding.generator(self.config.seed))
         top = {"bottom-right": h - m - p, "bottom-left": h - m - p, "top-left": m, "top-right": m,
                "center": (h - p) // 2}[self.config.location]
         left = {"bottom-right": w - m - q, "top-right": w - m - q, "top-left": m, "bottom-left": m,

@@ -7,7 +7,7 @@ config always produces the same poisoned set and the same trigger.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from ..data import AugmentConfig, ImageSet, to_float
 from ..errors import ConfigError, DataError
 from ..registry import Registry
 from ..train import OptimConfig, cross_entropy_objective, fit
+from .. import seeding
 
 ATTACKS: Registry[Type["Attack"]] = Registry("attack")
 ARTIFACT_JSON = "attack.json"
@@ -117,7 +118,7 @@ class Attack(ABC):
         self.check_shape(train)
         cand = self.candidate_indices(train)
         n = min(len(cand), int(round(self.config.poison_rate * len(train))))
-        g = torch.Generator().manual_seed(self.config.seed + 1)
+        g = seeding.generator(self.config.seed + 1)
         return cand[torch.randperm(len(cand), generator=g)[:n]].sort().values
 
     def poison(self, train: ImageSet, model: Optional[nn.Module] = None) -> Tuple[ImageSet, torch.Tensor]:
@@ -168,10 +169,20 @@ class Attack(ABC):
         return dict(self.buffers)
 
     def load_state_tensors(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """The trigger's tensors from an artifact: same names and shapes as this attack's, cast to
+        its dtypes, finite after the cast (a NaN trigger would poison every image it touches)."""
+        from ..checkpoint import SUPPORTED_DTYPES
+
         for k in self.buffers:
             if k not in tensors or tensors[k].shape != self.buffers[k].shape:
                 raise DataError(f"attack artifact lacks a matching tensor {k!r}")
-            self.buffers[k] = tensors[k]
+            t = tensors[k]
+            if t.layout != torch.strided or t.dtype not in SUPPORTED_DTYPES:
+                raise DataError(f"attack artifact tensor {k!r} has dtype {t.dtype}, which bcu does not load")
+            t = t.to(self.buffers[k].dtype)
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise DataError(f"attack artifact tensor {k!r} contains NaN or Inf")
+            self.buffers[k] = t
 
 
 def create_attack(name: str, config: Optional[Dict[str, Any]] = None, image_shape: Tuple[int, int, int] = (1, 28, 28),
@@ -181,24 +192,51 @@ def create_attack(name: str, config: Optional[Dict[str, Any]] = None, image_shap
     return cls(from_dict(cls.Config, config or {}), image_shape, num_classes)
 
 
+@dataclass
+class ArtifactMeta:
+    """The fields of ``attack.json`` bcu reads, typed (every value is validated before use)."""
+
+    name: str
+    image_shape: Tuple[int, int, int]
+    num_classes: int
+    config: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from ..untrusted import MAX_CLASSES, check_image_shape
+
+        self.image_shape = check_image_shape(self.image_shape, "image_shape")
+        check(2 <= self.num_classes <= MAX_CLASSES, f"num_classes must be in [2, {MAX_CLASSES}], got {self.num_classes}")
+
+
 def load_attack(directory: Union[str, Path]) -> Attack:
-    """Rebuild an attack, trigger tensors included, from an artifact folder written by ``save``."""
+    """Rebuild an attack, trigger tensors included, from an artifact folder written by ``save``.
+
+    ``attack.json`` (at most :data:`bcu.untrusted.MAX_ATTACK_JSON_BYTES`) is parsed into
+    :class:`ArtifactMeta`; ``attack.safetensors`` (at most ``MAX_ATTACK_TENSOR_BYTES``) must hold
+    tensors of the attack's own names and shapes. Only DataError escapes.
+    """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
+
+    from ..untrusted import MAX_ATTACK_JSON_BYTES, MAX_ATTACK_TENSOR_BYTES, read_bounded, read_json
 
     d = Path(directory)
     meta_path = d / ARTIFACT_JSON if d.is_dir() else d
+    raw = read_json(meta_path, MAX_ATTACK_JSON_BYTES, "attack artifact", DataError)
+    if not isinstance(raw, dict):
+        raise DataError(f"{meta_path} is not a bcu attack artifact (not a JSON object)")
+    known = {f.name for f in dataclasses.fields(ArtifactMeta)}
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        name, cfg = meta["name"], meta.get("config", {})
-        shape, k = tuple(meta["image_shape"]), int(meta["num_classes"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{meta_path} is not a bcu attack artifact ({type(e).__name__}: {e})") from None
-    attack = create_attack(name, cfg, shape, k)
+        meta = from_dict(ArtifactMeta, {k: v for k, v in raw.items() if k in known})
+        attack = create_attack(meta.name, meta.config, meta.image_shape, meta.num_classes)
+    except ConfigError as e:
+        raise DataError(f"{meta_path} is not a usable bcu attack artifact: {e}") from None
     tpath = meta_path.parent / ARTIFACT_TENSORS
     if tpath.is_file():
+        data = read_bounded(tpath, MAX_ATTACK_TENSOR_BYTES, "attack tensors", DataError)
         try:
-            attack.load_state_tensors(load_file(str(tpath)))
-        except (SafetensorError, OSError) as e:
+            tensors = load(data)
+        except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
             raise DataError(f"{tpath} is unreadable: {e}") from None
+        attack.load_state_tensors(tensors)
     return attack

@@ -10,6 +10,7 @@ import torch
 
 from ..config import check
 from .base import ATTACKS, Attack, AttackConfig
+from .. import seeding
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Blended(Attack):
         elif self.config.pattern == "rings":
             pattern = rings((c, h, w), self.config.rings_period, torch.Generator().manual_seed(self.config.seed))
         else:
-            pattern = torch.rand(c, h, w, generator=torch.Generator().manual_seed(self.config.seed))
+            pattern = torch.rand(c, h, w, generator=seeding.generator(self.config.seed))
         self.buffers = {"pattern": pattern}
         self.training_alpha = self.config.alpha
 

@@ -35,6 +35,7 @@ from ..data import AugmentConfig, ImageSet, augment, batches
 from ..errors import BcuError, DataError
 from ..train import OptimConfig, Step, epoch_generator, fit
 from .base import ATTACKS, Attack, AttackConfig
+from .. import seeding
 
 EPS = 1e-7  # the paper's EPSILON
 
@@ -66,7 +67,7 @@ class InputAwareConfig(AttackConfig):
         check(0 < self.mask_density < 1, f"mask_density must be in (0, 1), got {self.mask_density}")
         check(self.lr_g > 0 and self.lr_m > 0, "lr_g and lr_m must be > 0")
         check(self.mask_epochs >= 0, f"mask_epochs must be >= 0, got {self.mask_epochs}")
-        check(self.gen_channels >= 1, f"gen_channels must be >= 1, got {self.gen_channels}")
+        check(1 <= self.gen_channels <= 1024, f"gen_channels must be in [1, 1024], got {self.gen_channels}")
         check(1 <= self.gen_stages <= 5, f"gen_stages must be in 1..5, got {self.gen_stages}")
 
 
@@ -141,7 +142,7 @@ class InputAware(Attack):
         need = 2 ** self.config.gen_stages
         check(min(h, w) >= need, f"{self.config.gen_stages} generator stages need images of at least {need}x{need}")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
+            seeding.manual_seed(self.config.seed)
             self.generator = TriggerNet(c, c, self.config.gen_channels, self.config.gen_stages)
             self.mask_net = TriggerNet(c, 1, self.config.gen_channels, self.config.gen_stages)
         self.generator.eval()
@@ -288,15 +289,26 @@ class InputAware(Attack):
         if saved is None:
             history = self.pretrain_mask(train, optim, augment_cfg, seed, device, progress)
         else:
-            self.mask_net.load_state_dict(saved["mask"])
-            self.generator.load_state_dict(saved["generator"])
+            from ..train import check_state_dict
+
+            self.mask_net.load_state_dict(check_state_dict(saved.get("mask"), self.mask_net.state_dict(), state_file,
+                                                           "mask"))
+            self.generator.load_state_dict(check_state_dict(saved.get("generator"), self.generator.state_dict(),
+                                                            state_file, "generator"))
         self.mask_net.to(dev).eval()
         for p in self.mask_net.parameters():
             p.requires_grad_(False)
         self.generator.to(dev).train()
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.config.lr_g, betas=(0.5, 0.9))
         if saved is not None and saved.get("opt_g"):
-            opt_g.load_state_dict(saved["opt_g"])
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt_g.param_groups]
+            try:
+                opt_g.load_state_dict(saved["opt_g"])
+            except Exception as e:
+                raise BcuError(f"resume state {state_file} is malformed (opt_g: {str(e)[:200]}); start again "
+                               f"without --resume") from None
+            for group, kept in zip(opt_g.param_groups, settings):  # hyper-parameters come from this run
+                group.update(kept)
         elif saved is None:
             self._save_resume(state_file, opt_g)  # phase 1 done: a resumed run skips it
         epochs = optim.epochs
@@ -353,17 +365,17 @@ class InputAware(Attack):
         from ..checkpoint import atomic_write_bytes
 
         buf = io.BytesIO()
+        from ..train import _FINGERPRINT
+
         torch.save({"mask": self.mask_net.state_dict(), "generator": self.generator.state_dict(),
-                    "opt_g": opt_g.state_dict()}, buf)
+                    "opt_g": opt_g.state_dict(), "fingerprint": _FINGERPRINT.get()}, buf)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue())
 
     @staticmethod
     def _load_resume(path: Optional[Path]) -> Optional[Dict[str, Any]]:
-        if path is None or not path.is_file():
+        if path is None:
             return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise BcuError(f"resume state {path} is unreadable ({type(e).__name__}); start again without --resume") \
-                from None
+        from ..train import read_checkpoint
+
+        return read_checkpoint(path)

@@ -29,6 +29,7 @@ from ..data import AugmentConfig, ImageSet, to_float
 from ..errors import DataError
 from ..train import OptimConfig, Step, cross_entropy_objective, fit
 from .base import ATTACKS, Attack, AttackConfig, clean_label_poison_rate, quantize
+from .. import seeding
 
 # Turner et al.'s corner pattern (1 = white, 0 = black) for the left-hand corners.
 LEFT_CORNER = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
@@ -197,7 +198,7 @@ class LabelConsistent(Attack):
     def harden(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str = "cpu",
                batch_size: int = 512) -> torch.Tensor:
         """PGD-perturbed copies of float images ``x`` (CPU in, CPU out), deterministic from the seed."""
-        g = torch.Generator().manual_seed(self.config.seed + 2)
+        g = seeding.generator(self.config.seed + 2)
         was_training = model.training
         model.eval()
         dev = torch.device(device)
@@ -243,7 +244,7 @@ class LabelConsistent(Attack):
         std = tuple(float(v) for v in pix.std((0, 2, 3)).clamp_min(1e-3))
         del pix
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
+            seeding.manual_seed(self.config.seed)
             model = create_model("cnn-small", self.num_classes, train.shape, mean=mean, std=std)
         optim = OptimConfig(epochs=self.config.surrogate_epochs or 5, batch_size=128, lr=0.05)
         fit(model, train, self.surrogate_objective(), optim, augment_cfg=AugmentConfig(), seed=self.config.seed,
@@ -257,7 +258,7 @@ class LabelConsistent(Attack):
         from ..models import Classifier, build
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 7)
+            seeding.manual_seed(seed + 7)
             surrogate = build(model.spec) if isinstance(model, Classifier) else copy.deepcopy(model)
         s_optim = copy.copy(optim)
         s_optim.epochs = self.config.surrogate_epochs or optim.epochs

@@ -23,6 +23,7 @@ from ..data import AugmentConfig, ImageSet, identity_grid, smooth_field
 from ..errors import DataError
 from ..train import OptimConfig, Step, fit
 from .base import ATTACKS, Attack, AttackConfig
+from .. import seeding
 
 
 @dataclass
@@ -56,7 +57,7 @@ class WaNet(Attack):
         c, h, w = self.image_shape
         k = self.config.k
         check(k <= min(h, w), f"k={k} is larger than the {h}x{w} image")
-        noise_grid = smooth_field(1, k, h, w, torch.Generator().manual_seed(self.config.seed))
+        noise_grid = smooth_field(1, k, h, w, seeding.generator(self.config.seed))
         self.buffers = {"noise_grid": noise_grid.contiguous(), "grid": self._grid(noise_grid)}
 
     def _scale(self, device=None, dtype=None) -> torch.Tensor:

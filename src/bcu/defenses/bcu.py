@@ -21,11 +21,12 @@ from torch import nn
 
 from ..config import check, deep_merge, from_dict, to_dict
 from ..data import AugmentConfig, ImageSet, mixup, noise_blend, random_warp, to_float
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, show
 from ..train import OptimConfig, Step, fit, memory_format_for, predict, recalibrate_batchnorm
 from .adversary import AdversaryConfig, Bank
 from .base import DEFENSES, Defense, DefenseResult
 from .reinit import ReinitConfig, reinitialize
+from .. import seeding
 
 
 @dataclass
@@ -138,8 +139,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {"paper": PAPER, "default": DEFAULT, "v1": 
 
 def preset(name: str = "default", overrides: Optional[Dict[str, Any]] = None) -> CleanseConfig:
     """A validated config from a named preset with nested ``overrides`` merged in."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"unknown preset {show(name)} (known: {', '.join(PRESETS)})")
     return from_dict(CleanseConfig, deep_merge(PRESETS[name], overrides or {}))
 
 
@@ -292,7 +293,7 @@ class Cleanser:
         teacher.to(memory_format=memory_format_for(teacher, None))
         student = copy.deepcopy(model).to(device)
         layers = reinitialize(student, shape, cfg.reinit) if reinit else []
-        g = torch.Generator().manual_seed(cfg.seed + 7)
+        g = seeding.generator(cfg.seed + 7)
         perm = torch.randperm(len(data), generator=g)
         n_mon = min(cfg.stop.monitor_size, len(data) // 5)
         if cfg.stop.rule != "none" and n_mon > 0:

@@ -40,6 +40,7 @@ from ..data import ImageSet, batches
 from ..train import OptimConfig, Step, epoch_generator, fit
 from .base import DEFENSES, Defense, DefenseResult
 from .ft import require_labels
+from .. import seeding
 
 
 @dataclass
@@ -76,7 +77,7 @@ def find_perturbation(model: nn.Module, data: ImageSet, cfg: IBAUConfig, device:
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        for x, _ in batches(data, cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+        for x, _ in batches(data, cfg.batch_size, shuffle=True, generator=seeding.generator(seed),
                             device=device, with_labels=False):
             with torch.no_grad():
                 pseudo = model(x).argmax(1)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import check
 from ..errors import ModelError
+from .. import seeding
 
 NORM_TYPES: Tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -212,7 +213,7 @@ def plan(model: nn.Module, input_shape: Sequence[int], cfg: Optional[ReinitConfi
 def _fresh_copy(module: nn.Module, seed: int) -> nn.Module:
     fresh = copy.deepcopy(module)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        seeding.manual_seed(seed)
         if hasattr(fresh, "reset_parameters"):
             fresh.reset_parameters()
         else:  # layers without their own initialiser: the nn.Linear/Conv default
@@ -231,7 +232,7 @@ def reinitialize(model: nn.Module, input_shape: Sequence[int], cfg: Optional[Rei
     cfg = cfg or ReinitConfig()
     layers = plan(model, input_shape, cfg)
     modules = dict(model.named_modules())
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = seeding.generator(cfg.seed)
     for i, info in enumerate(layers):
         mod = modules[info.name]
         if info.ratio <= 0:

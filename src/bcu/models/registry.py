@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import check
-from ..errors import ConfigError
+from ..errors import ConfigError, show
 from ..registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -29,18 +30,41 @@ class ModelSpec:
     classes: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
-        check(self.arch in MODELS, f"unknown architecture {self.arch!r} (known: {', '.join(MODELS.names())})")
-        check(isinstance(self.num_classes, int) and self.num_classes >= 2,
-              f"num_classes must be an integer >= 2, got {self.num_classes!r}")
-        check(len(self.input_shape) == 3 and all(int(v) > 0 for v in self.input_shape),
-              f"input_shape must be (C, H, W), got {self.input_shape!r}")
+        from ..untrusted import MAX_CLASSES, check_image_shape
+
+        check(isinstance(self.arch, str) and self.arch in MODELS,
+              f"unknown architecture {show(self.arch)} (known: {', '.join(MODELS.names())})")
+        check(isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool)
+              and 2 <= self.num_classes <= MAX_CLASSES,
+              f"num_classes must be an integer in [2, {MAX_CLASSES}], got {show(self.num_classes)}")
+        self.input_shape = check_image_shape(tuple(self.input_shape) if isinstance(self.input_shape, list)
+                                             else self.input_shape, "input_shape")
         c = self.input_shape[0]
         check(len(self.mean) in (1, c) and len(self.std) in (1, c),
               f"mean/std need 1 or {c} values")
+        check(all(isinstance(v, (int, float)) and math.isfinite(v) for v in (*self.mean, *self.std)),
+              "mean/std values must be finite numbers")
         check(all(s > 0 for s in self.std), "std values must be > 0")
+        check(isinstance(self.kwargs, dict) and len(self.kwargs) <= 32, "kwargs must be a table of at most 32 options")
+        for k, v in self.kwargs.items():
+            check(isinstance(k, str) and len(k) <= 64, f"kwargs: option name {show(k)} is not a short text")
+            check(_plain_option(v), f"kwargs.{k}: expected a number, true/false or a short text, got {show(v)}")
         if self.classes is not None:
             check(len(self.classes) == self.num_classes,
                   f"{len(self.classes)} class names for num_classes={self.num_classes}")
+            check(all(isinstance(n, str) and len(n) <= 256 for n in self.classes),
+                  "class names must be texts of at most 256 characters")
+
+
+def _plain_option(v: Any) -> bool:
+    """An architecture option from a file: a bool, an int within +-2^31, a finite float, a short text."""
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, int):
+        return -(2 ** 31) <= v < 2 ** 31
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return isinstance(v, str) and len(v) <= 256
 
 
 class Normalize(nn.Module):
@@ -81,14 +105,37 @@ def create_model(arch: str, num_classes: int = 10, input_shape: Tuple[int, int, 
     return build(spec)
 
 
-def build(spec: ModelSpec) -> Classifier:
+def _construct(factory: Callable[..., nn.Module], spec: ModelSpec) -> nn.Module:
+    try:
+        return factory(num_classes=spec.num_classes, input_shape=tuple(spec.input_shape), **spec.kwargs)
+    except Exception as e:  # the values come from a file: any failure to build is "cannot build", one line
+        text = (str(e).strip().splitlines() or [""])[0].split(" Exception raised from")[0][:200]
+        raise ConfigError(f"cannot build {spec.arch!r}: {type(e).__name__}: {text}") from None
+
+
+def build(spec: ModelSpec, check_state: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None) -> Classifier:
+    """The network of ``spec``, wrapped with its normalisation.
+
+    It is first built on the ``meta`` device, where no memory is allocated: a spec whose options
+    ask for more than :data:`bcu.untrusted.MAX_PARAMS` values (``hidden: 1000000``, a huge
+    ``width``) is refused, and ``check_state`` (given the meta state dict) can refuse a mismatch
+    with the weights at hand, before any real allocation. So a model file bounds the model it
+    builds: its tensors must match the architecture's exactly.
+    """
+    from ..untrusted import MAX_PARAMS
+
     factory = MODELS.get(spec.arch)
     params = inspect.signature(factory).parameters
     unknown = [k for k in spec.kwargs if k not in params]
     if unknown:
-        raise ConfigError(f"architecture {spec.arch!r} has no option {unknown[0]!r}")
-    try:
-        net = factory(num_classes=spec.num_classes, input_shape=tuple(spec.input_shape), **spec.kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot build {spec.arch!r}: {e}") from None
-    return Classifier(net, spec)
+        raise ConfigError(f"architecture {spec.arch!r} has no option {show(unknown[0])}")
+    with torch.device("meta"):
+        meta = _construct(factory, spec)
+    values = sum(t.numel() for t in meta.state_dict().values())
+    if values > MAX_PARAMS:
+        raise ConfigError(f"{spec.arch!r} with these options has {values:,} parameters, more than the "
+                          f"{MAX_PARAMS:,} bcu builds (docs/security.md)")
+    if check_state is not None:
+        check_state(meta.state_dict())
+    del meta
+    return Classifier(_construct(factory, spec), spec)
