@@ -19,17 +19,17 @@ detached), so one ``backward`` yields it exactly. Rounds are the loop's epochs; 
 perturbation is found in the epoch hook.
 
 Defaults: the authors' code (github.com/YiZeng623/I-BAU) as also reproduced by BackdoorToolbox:
-batch 100, 3 rounds, K = 5, inner lr 0.1, perturbation lr 10 and L2 radius 10, portion 0.01.
-Documented simplification: the authors' outer optimiser is Adam (lr 0.001); the shared loop is
-SGD, so the outer step here is SGD with momentum 0.9 at lr 0.01. The perturbation lives in the
-model's input space ([0, 1] pixels, before the model's normalisation).
+batch 100, 3 rounds, K = 5, inner lr 0.1, perturbation lr 10 and L2 radius 10, portion 0.01, and
+the outer optimiser Adam at lr 0.001 (``optimizer: sgd`` with ``lr: 0.01`` is bcu 0.1's SGD,
+momentum 0.9). The perturbation lives in the model's input space ([0, 1] pixels, before the
+model's normalisation).
 """
 from __future__ import annotations
 
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,9 @@ class IBAUConfig:
     rounds: int = field(default=3, metadata={"help": "outer rounds (max-min alternations; authors' default: 3)"})
     K: int = field(default=5, metadata={"help": "fixed-point iterations of the implicit hypergradient (paper: 5)"})
     batch_size: int = field(default=100, metadata={"help": "images per step (authors' script: 100)"})
-    lr: float = field(default=0.01, metadata={
-        "help": "outer lr; SGD momentum 0.9 here (simplification: the authors use Adam at 0.001)"})
+    optimizer: Literal["adam", "sgd"] = field(default="adam", metadata={
+        "help": "outer optimiser: adam (authors' code) or sgd with momentum 0.9 (bcu 0.1)"})
+    lr: float = field(default=0.001, metadata={"help": "outer lr (authors' code: Adam at 0.001)"})
     inner_lr: float = field(default=0.1, metadata={"help": "step of the inner fixed-point map T (authors: 0.1)"})
     pert_lr: float = field(default=10.0, metadata={"help": "SGD lr of the perturbation search (authors: 10)"})
     pert_norm: float = field(default=10.0, metadata={"help": "L2 radius of the perturbation (authors: 10)"})
@@ -150,8 +151,8 @@ class IBAU(Defense):
             return {"next_pert_norm": float(objective.pert.norm())}
 
         bs = min(cfg.batch_size, len(data))
-        optim = OptimConfig(epochs=cfg.rounds, batch_size=bs, lr=cfg.lr, momentum=0.9, weight_decay=0.0,
-                            schedule="constant")
+        optim = OptimConfig(epochs=cfg.rounds, batch_size=bs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=0.9,
+                            weight_decay=0.0, schedule="constant")
         history = fit(out, data, objective, optim, augment_cfg=None, seed=seed, device=device, with_labels=True,
                       epoch_hook=next_round, resume_dir=resume_dir, desc="ibau", progress=progress)
         out.eval()
