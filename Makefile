@@ -30,6 +30,7 @@ demo: setup
 	$(VENV)/bin/bcu demo --overwrite
 
 test: setup
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup

@@ -14,6 +14,7 @@ the same way for each seed. Prints one JSON object per (attack, seed) and merges
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -24,7 +25,7 @@ from typing import Any, Dict, List
 import torch
 
 from bcu.attacks import ATTACKS, create_attack
-from bcu.config import parse_overrides, to_dict
+from bcu.config import parse_overrides
 from bcu.data import AugmentConfig, load_dataset, split
 from bcu.metrics import accuracy, attack_scores
 from bcu.models import create_model
@@ -95,9 +96,10 @@ def main(argv: List[str] | None = None) -> int:
                    + ("--no-augment " if args.no_augment else "")
                    + " ".join(sets)).strip()
             row = {"attack": name, "clean_acc": round(clean_acc, 2), "acc": round(s.acc, 2), "asr": round(s.asr, 2),
-                   "ra": round(s.ra, 2), "poison_rate": attack.config.poison_rate, "seconds": round(seconds, 1), "seed": seed,
+                   "ra": round(s.ra, 2), "poison_rate": attack.config.poison_rate, "seconds": round(seconds, 1),
+                   "seed": seed,
                    "kind": attack.kind, "epochs": args.epochs, "augment": not args.no_augment,
-                   "config": to_dict(attack.config), "command": cmd,
+                   "config": dataclasses.asdict(attack.config), "command": cmd,
                    "asr_by_class": {k: round(v, 2) for k, v in s.asr_by_class.items()}}
             if attack.kind == "clean-label":
                 row["poisoned_images"] = int(len(attack.poison_indices(rest)))

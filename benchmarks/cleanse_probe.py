@@ -20,7 +20,7 @@ import torch
 from bcu.bench import _split_data, ensure_teacher, load_config, source_images
 from bcu.config import parse_overrides
 from bcu.defenses.bcu import Cleanser, preset
-from bcu.metrics import asr_by_class, attack_scores, rate_by_class
+from bcu.metrics import attack_scores, rate_by_class
 from bcu.train import predict
 
 
@@ -46,11 +46,12 @@ def main() -> None:
     res = Cleanser(preset(args.preset, over)).run(model, data.without_labels(), progress=False)
     seconds = time.time() - t0
     after = attack_scores(res.model, test, attack)
-    print(json.dumps({"arch": arch, "attack": args.attack, "seed": args.seed, "unlabeled": args.unlabeled, "preset": args.preset,
+    print(json.dumps({"arch": arch, "attack": args.attack, "seed": args.seed, "unlabeled": args.unlabeled,
+                      "preset": args.preset,
                       "overrides": over, "teacher": {"acc": round(before["acc"], 2), "asr": round(before["asr"], 2)},
                       "acc": round(after.acc, 2), "asr": round(after.asr, 2), "ra": round(after.ra, 2),
                       "seconds": round(seconds, 1),
-                      "teacher_asr_by_class": {k: round(v, 2) for k, v in asr_by_class(model, test, attack).items()},
+                      "teacher_asr_by_class": {k: round(v, 2) for k, v in before["asr_by_class"].items()},
                       "asr_by_class": {k: round(v, 2) for k, v in after.asr_by_class.items()},
                       "untriggered_to_target_by_class": to_target_by_class(res.model, test, attack)}), flush=True)
 

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from bcu.data import AugmentConfig, make_synthetic, to_float  # noqa: E402
+from bcu.data import make_synthetic  # noqa: E402
 from bcu.defenses.bcu import Cleanser, DistillObjective, preset  # noqa: E402
 from bcu.models import create_model  # noqa: E402
 from bcu.train import Step, autocast_for, epoch_generator, memory_format_for  # noqa: E402

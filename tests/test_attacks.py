@@ -14,7 +14,7 @@ from bcu.cli import main
 from bcu.data import make_synthetic, to_float
 from bcu.errors import ConfigError, DataError
 from bcu.models import create_model
-from bcu.train import OptimConfig, Step, epoch_generator
+from bcu.train import OptimConfig, Step
 
 ALL = ["badnets", "blended", "sig", "lc", "wanet", "inputaware"]
 SHAPES = [(1, 28, 28), (3, 32, 32)]
@@ -70,6 +70,14 @@ def test_same_seed_same_trigger_and_poison(name, small):
     a, b = make(name, seed=5), make(name, seed=5)
     x = batch((1, 28, 28))
     assert torch.equal(a.apply(x), b.apply(x))
+    if a.poisoning == "per-batch":  # poisoned as each batch is drawn: the same batch, the same poison
+        with pytest.raises(ConfigError):
+            a.poison(train)
+        xb, yb = to_float(train.images[:16]), train.labels[:16]
+        ra = a.poison_batch(xb, yb, torch.Generator().manual_seed(3))
+        rb = b.poison_batch(xb, yb, torch.Generator().manual_seed(3))
+        assert all(torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(ra, rb))
+        return
     if name in ("lc",):
         model = tiny_model((1, 28, 28))
         pa, ia = a.poison(train, model)
@@ -110,6 +118,14 @@ def test_clean_label_never_changes_labels(name, small):
 def test_dirty_label_all_to_one_and_all_to_all(name, small):
     train = small[(1, 28, 28)]
     a = make(name, target=2)
+    if a.poisoning == "per-batch":  # the poisoned share of each batch is relabelled as it is drawn
+        x, y = to_float(train.images[:40]), train.labels[:40]
+        n_bd = int(40 * a.config.poison_rate)
+        assert n_bd >= 1
+        for mode, want in (("all-to-one", torch.full_like(y[:n_bd], 2)), ("all-to-all", (y[:n_bd] + 1) % 10)):
+            out = make(name, target=2, mode=mode).poison_batch(x, y, torch.Generator().manual_seed(0))
+            assert torch.equal(out[1][:n_bd], want) and torch.equal(out[1][n_bd:], y[n_bd:])
+        return
     poisoned, idx = a.poison(train)
     assert bool((poisoned.labels[idx] == 2).all()) and bool((train.labels[idx] != 2).all())
     assert len(idx) == 20
@@ -327,7 +343,7 @@ def test_wanet_trains_one_epoch(small):
     assert len(history) == 1 and "asr" in history[0] and math.isfinite(history[0]["loss"])
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     with pytest.raises(ConfigError):
-        make("wanet", poison_rate=0.01).train(model, train, TINY, augment_cfg=None, progress=False)
+        make("wanet", (3, 32, 32), poison_rate=0.01).train(model, train, TINY, augment_cfg=None, progress=False)
 
 
 def test_lc_adversarial_surrogate_trains_on_pgd_examples(small, monkeypatch):
@@ -372,9 +388,9 @@ def test_lc_train_fits_a_surrogate_and_keeps_labels(small, monkeypatch):
     seen = {}
     orig = a.poison
 
-    def spy(data, model=None, device="cpu"):
+    def spy(data, model=None):
         seen["model"] = model
-        out = orig(data, model, device)
+        out = orig(data, model)
         seen["labels_kept"] = torch.equal(out[0].labels, data.labels)
         return out
 
@@ -401,7 +417,8 @@ def test_cli_lists_new_attacks(capsys):
     out = capsys.readouterr().out
     for name in ALL:
         assert f"{name} [" in out
-    for opt in ("delta = 40.0", "test_delta = 60.0", "epsilon = 16.0", "poison_rate = 0.05", "k = 4", "s = 0.5", "cross_ratio = 2.0", "mask_density = 0.032"):
+    for opt in ("delta = 40.0", "test_delta = 60.0", "epsilon = 16.0", "poison_rate = 0.05", "k = 4", "s = 0.5",
+                "cross_ratio = 2.0", "mask_density = 0.032"):
         assert opt in out
 
 

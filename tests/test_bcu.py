@@ -6,7 +6,7 @@ from torch import nn
 
 import bcu
 from bcu.attacks import create_attack
-from bcu.data import ImageSet, make_synthetic, split
+from bcu.data import make_synthetic, split
 from bcu.defenses import DEFENSES, create_defense, run_defense
 from bcu.defenses.bcu import Cleanser, DistillObjective, DistillConfig, as_unlabeled, preset
 from bcu.errors import DataError

@@ -1,9 +1,10 @@
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Literal, Optional, Tuple
 
 import pytest
 
-from bcu.config import check, deep_merge, from_dict, load_file, parse_overrides, replace, to_dict
+from bcu.config import check, deep_merge, from_dict, load_file, parse_overrides, replace
 from bcu.defenses.bcu import CleanseConfig, preset
 from bcu.errors import ConfigError
 
@@ -52,7 +53,7 @@ def test_from_dict_rejects_bad_values(bad, fragment):
 
 def test_round_trip_and_replace():
     cfg = from_dict(Outer, {"inner": {"a": 2}})
-    assert from_dict(Outer, to_dict(cfg)) == cfg
+    assert from_dict(Outer, dataclasses.asdict(cfg)) == cfg
     assert replace(cfg, {"inner": {"b": 2.0}}).inner == Inner(2, 2.0)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bcu.attacks import create_attack
-from bcu.data import AugmentConfig, ImageSet, make_synthetic
+from bcu.data import make_synthetic
 from bcu.defenses import DEFENSES, create_defense, run_defense
 from bcu.errors import DataError
 from bcu.metrics import attack_scores
@@ -114,7 +114,7 @@ class OddNet(nn.Module):
 
 
 def test_clp_pairs_by_tracing_and_prunes_planted_channel():
-    from bcu.defenses.clp import pair_conv_norm
+    from bcu.defenses.tracing import pair_conv_norm
 
     torch.manual_seed(0)
     net = OddNet().eval()
@@ -176,7 +176,7 @@ def test_mcr_curve_endpoints_are_the_endpoints(backdoored):
 
 
 def test_nad_attention_loss_decreases(backdoored):
-    from bcu.defenses.nad import stage_outputs
+    from bcu.defenses.tracing import stage_outputs
 
     model, clean, _, _ = backdoored
     stages = stage_outputs(model, (1, 16, 16))

@@ -510,12 +510,12 @@ def test_disk_full(cli, tmp_path, model_dir, npz, monkeypatch):
 
 def test_disk_full_outside_the_atomic_writers(cli, tmp_path, model_dir, npz, monkeypatch):
     """An ENOSPC raised anywhere else (here: the final rename) still ends as one line, exit 5."""
-    from bcu import checkpoint
+    from bcu import output
 
     def full(self):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.OutputDir, "commit", full)
+    monkeypatch.setattr(output.OutputDir, "commit", full)
     out = tmp_path / "o"
     rc, _, line = _cleanse(cli, model_dir, npz, out)
     assert rc == 5 and line == "bcu: error: disk full" and no_output(out)

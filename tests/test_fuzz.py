@@ -8,10 +8,12 @@ options and config files, DataError for image files) -- never a raw ``KeyError``
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import itertools
 import json
+import pickle
 import struct
 import zipfile
 from pathlib import Path
@@ -23,12 +25,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from bcu.attacks import ATTACKS, load_attack
 from bcu.checkpoint import load_model, read_sidecar, save_model, spec_from_sidecar
 from bcu.config import from_dict, load_file, parse_overrides
-from bcu.data import load_dataset, read_idx
+from bcu.data import load_dataset, make_synthetic, read_cifar_dir, read_idx
 from bcu.defenses.bcu import CleanseConfig, preset
 from bcu.errors import BcuError, ConfigError, DataError, ModelError
 from bcu.models import ModelSpec, create_model
+from bcu.train import OptimConfig, fit
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -153,7 +157,8 @@ def test_cleanse_config_from_dict(data):
 override_text = st.lists(
     st.tuples(st.lists(cfg_keys | st.text(max_size=4), min_size=0, max_size=3).map(".".join),
               st.sampled_from(["=", "", "=="]),
-              st.text(max_size=10) | st.sampled_from(["[1, 2", "{a: 1}", "true", "1e999", "- x", "!!python/object:os.system", "0.5"]))
+              st.text(max_size=10) | st.sampled_from(["[1, 2", "{a: 1}", "true", "1e999", "- x",
+                                                      "!!python/object:os.system", "0.5"]))
     .map("".join), max_size=5)
 
 
@@ -270,15 +275,14 @@ def test_only_bcu_errors_are_documented():
 @given(st.sampled_from([(".npz", NPZ), (".npy", NPY)]).flatmap(
     lambda kb: edits.map(lambda e: (kb[0], mutate(kb[1], e)))))
 def test_streaming_loader(work, case):
-    """bcu.stream (``--stream``): memory-mapped .npy/.npz, read batch by batch."""
-    from bcu.stream import load_stream
+    """bcu.data.stream (``--stream``): memory-mapped .npy/.npz, read batch by batch."""
 
     ext, raw = case
     f = fresh(work, "d" + ext)
     f.write_bytes(raw)
 
     def run():
-        s = load_stream(f, labels=False, workers=0)
+        s = load_dataset(f, labels=False, stream=True, workers=0)
         s.images[[0]]  # read one image through the stream
 
     _expect_data_error(run)
@@ -288,14 +292,6 @@ def test_streaming_loader(work, case):
 # issue 14, finding 15: the shapes of the hostile files above, for every parser -- only bcu's own
 # error type escapes, and memory stays bounded (peak RSS measured per example on Linux)
 
-import contextlib
-import os
-import pickle
-
-from bcu.attacks import ATTACKS, create_attack, load_attack
-from bcu.data import load_cifar_dir, make_synthetic
-from bcu.stream import load_stream
-from bcu.train import OptimConfig, fit
 
 MEMORY_BUDGET_MB = 400
 FUZZ_SMALL = settings(FUZZ, max_examples=40)
@@ -471,7 +467,7 @@ def test_cifar_shapes(work, data, labels, names, with_labels, e):
     raw = pickle.dumps({b"data": data, b"labels": labels}, protocol=2)
     (d / "data_batch_1").write_bytes(mutate(raw, e) if e[0] else raw)
     (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
-    only(DataError, lambda: load_cifar_dir(d, "train", labels=with_labels))
+    only(DataError, lambda: read_cifar_dir(d, "train", labels=with_labels))
 
 
 @FUZZ_SMALL
@@ -506,8 +502,8 @@ def test_npy_and_npz_declared_shapes(work, shape, descr, body, compressed, strea
     npy = f.with_suffix(".npy")
     npy.write_bytes(raw)
     if stream:
-        only(DataError, lambda: load_stream(f, labels=False, workers=0).images[[0]])
-        only(DataError, lambda: load_stream(npy, labels=False, workers=0).images[[0]])
+        only(DataError, lambda: load_dataset(f, labels=False, stream=True, workers=0).images[[0]])
+        only(DataError, lambda: load_dataset(npy, labels=False, stream=True, workers=0).images[[0]])
     else:
         only(DataError, lambda: load_dataset(f, labels=False))
 

@@ -53,8 +53,7 @@ def run(kind, a):
     if kind == "load_attack":
         return bcu.attacks.load_attack(a["path"])
     if kind == "stream":
-        from bcu.stream import load_stream
-        return load_stream(a["spec"], labels=False, workers=0)
+        return bcu.data.load_dataset(a["spec"], labels=False, stream=True, workers=0)
     raise ValueError(kind)
 
 def status_kb(key):

@@ -6,7 +6,7 @@ from bcu.attacks import create_attack
 from bcu.checkpoint import load_model, save_model
 from bcu.data import ImageSet
 from bcu.errors import ConfigError, ModelError
-from bcu.metrics import Scores, accuracy, asr_by_class, attack_scores, der
+from bcu.metrics import Scores, attack_scores, der
 from bcu.models import MODELS, create_model
 
 
@@ -92,9 +92,10 @@ def test_asr_by_class_splits_the_mean_by_source_class():
     attack = create_attack("badnets", {"target": 0, "patch_size": 1, "margin": 0, "location": "top-left",
                                        "pattern": "white"}, (1, 4, 4), 3)
     model = FlipsOnly(lookup)
-    assert asr_by_class(model, test, attack) == {"dog": 100.0, "owl": 0.0}  # the target class is not scored
-    assert attack_scores(model, test, attack).asr == pytest.approx(100 * 2 / 5)
-    assert asr_by_class(model, ImageSet(imgs, labels), attack) == {"1": 100.0, "2": 0.0}
+    scores = attack_scores(model, test, attack)
+    assert scores.asr_by_class == {"dog": 100.0, "owl": 0.0}  # the target class is not scored
+    assert scores.asr == pytest.approx(100 * 2 / 5)
+    assert attack_scores(model, ImageSet(imgs, labels), attack).asr_by_class == {"1": 100.0, "2": 0.0}
 
 
 def test_der_sign_and_range():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from bcu.defenses.reinit import (ReinitConfig, interpolate_ratios, is_norm, plan, reinitialize, trace_layers,
-                                 weight_layers)
+from bcu.defenses.reinit import ReinitConfig, interpolate_ratios, plan, reinitialize
+from bcu.defenses.tracing import is_norm, trace_layers, weight_layers
 from bcu.models import create_model
 
 PAPER = {"stem": 0.01, "stage1": 0.01, "stage2": 0.03, "stage3": 0.09, "stage4": 0.27, "head": 0.10}

@@ -355,15 +355,15 @@ def two_models(tmp_path_factory):
 
 def _interrupt_after_first_epoch(monkeypatch):
     """Ctrl-C right after epoch 1's checkpoint is written (in-process: the real save, then SIGINT)."""
-    import bcu.train as T
+    import bcu.resume as R
 
-    real = T._save_resume
+    real = R.save
 
-    def save_then_interrupt(path, model, opt, epoch, history, extra):
-        real(path, model, opt, epoch, history, extra)
+    def save_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "_save_resume", save_then_interrupt)
+    monkeypatch.setattr(R, "save", save_then_interrupt)
 
 
 def _run(capsys, *argv):

@@ -8,7 +8,6 @@ absence of the marker elsewhere means something.
 """
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import zipfile
@@ -18,11 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from bcu.checkpoint import TORCH_EXTENSIONS, load_model, save_model, sha256_file
+from bcu.checkpoint import TORCH_EXTENSIONS, load_model, sha256_file
 from bcu.cli import main
 from bcu.data import load_dataset, make_synthetic
 from bcu.errors import DataError, ModelError
-from bcu.models import create_model
 
 from helpers import Marker, write_cifar10_dir, write_cifar100_dir
 

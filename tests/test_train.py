@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from bcu.data import AugmentConfig, ImageSet, load_image_folder, make_synthetic
+from bcu.data import AugmentConfig, ImageSet, StreamingImages, load_dataset, make_synthetic, read_image_folder
 from bcu.models import create_model
-from bcu.stream import StreamingImages, load_stream, npz_memmap
+from bcu.data.formats import npz_memmap
 from bcu.train import OptimConfig, Step, cross_entropy_objective, fit, predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +56,8 @@ def _fit(data, epochs=2, seed=3, **kw):
 
 
 def test_streaming_folder_matches_resident(folder):
-    resident = load_image_folder(folder)
-    stream = load_stream(folder, labels=True, workers=2)
+    resident = read_image_folder(folder)
+    stream = load_dataset(folder, labels=True, stream=True, workers=2)
     assert isinstance(stream, StreamingImages) and len(stream) == len(resident) and stream.shape == (1, 28, 28)
     assert torch.equal(stream.load().images, resident.images) and torch.equal(stream.labels, resident.labels)
     assert stream.fingerprint() == resident.fingerprint()
@@ -79,7 +79,7 @@ def test_streaming_yields_every_image_once_per_epoch(tmp_path):
     imgs = np.zeros((n, 1, 4, 4), dtype=np.uint8)
     imgs[:, 0, 0, 0], imgs[:, 0, 0, 1] = x % 256, x // 256  # each image encodes its index
     np.save(tmp_path / "x.npy", imgs)
-    s = load_stream(tmp_path / "x.npy", labels=False, workers=2)
+    s = load_dataset(tmp_path / "x.npy", labels=False, stream=True, workers=2)
     assert isinstance(s, StreamingImages) and isinstance(s.array, np.memmap)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(1))
     seen = []
@@ -96,14 +96,13 @@ def test_npz_memmap_and_compressed_fallback(tmp_path):
     np.savez(tmp_path / "a.npz", x=d.images.numpy(), y=d.labels.numpy())
     np.savez_compressed(tmp_path / "b.npz", x=d.images.numpy(), y=d.labels.numpy())
     assert isinstance(npz_memmap(tmp_path / "a.npz", "x"), np.memmap)
-    s = load_stream(tmp_path / "a.npz", labels=True)
+    s = load_dataset(tmp_path / "a.npz", labels=True, stream=True)
     assert isinstance(s, StreamingImages) and torch.equal(s.load().images, d.images)
     assert torch.equal(s.labels, d.labels)
-    r = load_stream(tmp_path / "b.npz", labels=True)
+    r = load_dataset(tmp_path / "b.npz", labels=True, stream=True)
     assert isinstance(r, ImageSet) and torch.equal(r.images, d.images)
-    from bcu.data import load_dataset
-
     assert isinstance(load_dataset(tmp_path / "a.npz", labels=False, stream=True), StreamingImages)
+    assert isinstance(load_dataset(tmp_path / "a.npz", labels=False), ImageSet)
 
 
 def test_fit_is_deterministic_and_drop_last():
@@ -123,10 +122,10 @@ def test_cleanse_on_a_stream(folder):
 
     torch.manual_seed(0)
     model = create_model("cnn-small", 10, (1, 28, 28))
-    stream = load_stream(folder, labels=False, workers=1)
+    stream = load_dataset(folder, labels=False, stream=True, workers=1)
     cfg = preset("paper", {"optim": {"epochs": 1, "batch_size": 64}})
     a = Cleanser(cfg).run(model, stream, progress=False)
-    b = Cleanser(cfg).run(model, load_image_folder(folder, labels=False), progress=False)
+    b = Cleanser(cfg).run(model, read_image_folder(folder, labels=False), progress=False)
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
         assert torch.equal(x, y)
 

@@ -25,20 +25,29 @@ import io
 import json
 import math
 import os
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .config import check, from_dict, load_file, to_dict
-from .data import AugmentConfig, ImageSet, load_dataset, split, take
-from .errors import ConfigError
-from .train import OptimConfig
-from .unlabeled import SourceConfig, build as build_source, export_npz, resolve as resolve_source
 from . import seeding
+from .attacks import ATTACKS, create_attack, load_attack
+from .checkpoint import load_model
+from .config import check, from_dict, load_file
+from .data.augment import AugmentConfig
+from .data.imageset import ImageSet, split, take
+from .data.load import load_dataset
+from .data.sources import SourceConfig, build as build_source, export_npz, resolve as resolve_source
+from .defenses import DEFENSES, create_defense, run_defense
+from .errors import ConfigError, clean
+from .lock import ExclusiveLock
+from .metrics import Scores, attack_scores, der
+from .output import OutputDir, WorkDir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .runtime import check_device
+from .train import OptimConfig
+from .workflows import save_backdoored, train_backdoored
 
 ROW_KEYS = ["arch", "attack", "defense", "unlabeled", "seed", "acc_before", "asr_before", "acc", "asr", "ra", "der",
             "seconds", "command"]
@@ -93,8 +102,6 @@ class BenchConfig:
     device: str = field(default="cpu", metadata={"help": "torch device"})
 
     def __post_init__(self) -> None:
-        from .runtime import check_device
-
         check(self.holdout >= 0, "holdout must be >= 0")
         check_device(self.device, "device")
         for what in ("attacks", "defenses", "seeds", "unlabeled"):
@@ -107,14 +114,14 @@ class BenchConfig:
         for name, entry in self.archs.items():
             check("__" not in name and "/" not in name, f"archs: {name!r} may not contain '__' or '/'")
             entry.arch = entry.arch or registry_name(name)
-            from_dict(TeacherOptim, {**to_dict(self.teacher), **entry.teacher}, f"archs.{name}.teacher")
+            from_dict(TeacherOptim, {**asdict(self.teacher), **entry.teacher}, f"archs.{name}.teacher")
         for name, over in self.attack_teacher.items():
             check(name in self.attacks, f"attack_teacher: {name!r} is not one of the attacks")
-            from_dict(TeacherOptim, {**to_dict(self.teacher), **over}, f"attack_teacher.{name}")
+            from_dict(TeacherOptim, {**asdict(self.teacher), **over}, f"attack_teacher.{name}")
 
     def teacher_optim(self, arch: str, attack: str) -> TeacherOptim:
         """The teacher training of one cell: the grid's, then the architecture's, then the attack's overrides."""
-        return from_dict(TeacherOptim, {**to_dict(self.teacher), **self.archs[arch].teacher,
+        return from_dict(TeacherOptim, {**asdict(self.teacher), **self.archs[arch].teacher,
                                         **self.attack_teacher.get(attack, {})})
 
 
@@ -183,14 +190,6 @@ def _split_data(cfg: BenchConfig, seed: int) -> Tuple[ImageSet, Optional[ImageSe
 
 def ensure_teacher(cfg: BenchConfig, out: Path, arch: str, attack_name: str, seed: int, progress: bool = False):
     """(model, attack, scores) of the backdoored model for (arch, attack, seed), trained once and cached."""
-    from .attacks import create_attack, load_attack
-    from .checkpoint import atomic_write_json, load_model, save_model
-    from .metrics import attack_scores
-    from .models import create_model
-
-    from .lock import ExclusiveLock
-    from .output import OutputDir
-
     key = f"{arch}__{attack_name}__s{seed}"
     final = out / "teachers" / key
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -202,27 +201,18 @@ def ensure_teacher(cfg: BenchConfig, out: Path, arch: str, attack_name: str, see
             attack = create_attack(registry_name(attack_name), opts, train.shape, k)
             entry = cfg.archs[arch]
             optim = cfg.teacher_optim(arch, attack_name)
-            pix = train.images.float() / 255
-            mean = tuple(float(v) for v in pix.mean((0, 2, 3)))
-            std = tuple(float(v) for v in pix.std((0, 2, 3)))
-            del pix
-            seeding.manual_seed(seed)
-            model = create_model(entry.arch, k, train.shape, mean=mean, std=std, classes=train.classes,
-                                 **entry.options)
-            t0 = time.time()
-            attack.train(model, train, optim, augment_cfg=cfg.teacher_augment, seed=seed, device=cfg.device,
-                         progress=progress)
-            seconds = time.time() - t0
+            done = train_backdoored(train, attack, entry.arch, optim, cfg.teacher_augment, seed=seed,
+                                    device=cfg.device, progress=progress, **entry.options)
+            model, seconds = done.model, done.seconds
             s = attack_scores(model, test, attack, cfg.device)
             # staged and renamed like every bcu output (never through a link); a teacher folder left
             # without scores.json is bcu's own (it carries the marker) and is replaced
             with OutputDir(final, overwrite=True, kind="bench-teacher", lock=False) as o:
-                save_model(model.cpu(), o.path, extra={"attack": attack_name, "seed": seed})
-                attack.save(o.path)
+                save_backdoored(o.path, model, attack, {"attack": attack_name, "seed": seed})
                 atomic_write_json(o.path / "scores.json", {**s.as_dict(), "seconds": seconds,
                                                            "train_images": len(train), "arch": arch,
                                                            "attack": attack.describe(),
-                                                           "asr_by_class": s.asr_by_class, "teacher": to_dict(optim)})
+                                                           "asr_by_class": s.asr_by_class, "teacher": asdict(optim)})
                 o.commit()
     model, _ = load_model(final)
     attack = load_attack(final)
@@ -249,10 +239,6 @@ def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress
              command: Optional[str] = None) -> Dict[str, Any]:
     """Compute one cell and write its JSON atomically; returns the row (``command``: how to reproduce it,
     default the ``bcu bench`` call of this one cell)."""
-    from .checkpoint import atomic_write_json
-    from .defenses import DEFENSES, create_defense, run_defense
-    from .metrics import Scores, attack_scores, der
-
     t0 = time.time()
     model, attack, before = ensure_teacher(cfg, out, cell.arch, cell.attack, cell.seed, progress)
     _, _, test = _split_data(cfg, cell.seed)
@@ -282,7 +268,7 @@ def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress
         row["labels_used"] = bool(cls.uses_labels and cls.uses_data)
         row["info"] = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool)) or
                        k in ("pruned", "pruned_channels", "pruned_neurons", "prune_ratio", "t")}
-        row["defense_config"] = to_dict(defense.config)
+        row["defense_config"] = asdict(defense.config)
     row["cell_seconds"] = time.time() - t0
     atomic_write_json(out / "cells" / f"{cell.key}.json", row)
     return row
@@ -313,8 +299,6 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
 
     ``out`` is a bcu work folder (bcu.output.WorkDir): never an input, reused
     only when bcu made it."""
-    from .output import WorkDir
-
     out = Path(out)
     inputs = [config_path, cfg.data] + [src.path for src in cfg.sources.values() if src.path]
     with WorkDir(out, "bench", inputs=[i for i in inputs if i and os.path.lexists(str(i))]):
@@ -325,10 +309,6 @@ def run_bench(cfg: BenchConfig, out: Path, *, config_path: str = "CONFIG", worke
 
 def _run_bench(cfg: BenchConfig, out: Path, *, config_path: str, workers: int, threads: Optional[int], attacks,
                defenses, seeds, unlabeled, archs, progress: bool, teachers_only: bool, command, log) -> Dict[str, Any]:
-    from .attacks import ATTACKS
-    from .defenses import DEFENSES
-    from .errors import clean
-
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = grid(cfg, attacks, defenses, seeds, unlabeled, archs)
     missing_attacks = sorted({c.attack for c in cells if registry_name(c.attack) not in ATTACKS})
@@ -349,7 +329,6 @@ def _run_bench(cfg: BenchConfig, out: Path, *, config_path: str, workers: int, t
     threads = threads or max(1, cores // workers)
     computed = 0
     t0 = time.time()
-    stop_after = int(os.environ.get("BCU_BENCH_KILL_AFTER", "0"))  # tests: SIGKILL self after N cells
     if workers == 1 or len(todo) <= 1:
         torch.set_num_threads(threads)
         for c in todo:
@@ -358,8 +337,6 @@ def _run_bench(cfg: BenchConfig, out: Path, *, config_path: str, workers: int, t
             log(f"  [{computed}/{len(todo)}] {clean(c.key)}: " + (
                 f"ACC {r['acc']:.2f} ASR {r['asr']:.2f} DER {r['der']:.2f} ({r['seconds']:.0f}s)"
                 if r["status"] == "ok" else r["status"]))
-            if stop_after and computed >= stop_after:
-                os.kill(os.getpid(), 9)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -440,8 +417,6 @@ def _pm(vals: List[float]) -> str:
 def summary(rows: List[Dict[str, Any]], attacks: Sequence[str], defenses: Sequence[str]) -> List[str]:
     """Markdown lines: per defense, the mean over attacks of ACC drop, ASR and DER (mean ± std over
     seeds of the per-seed means; a seed counts only when every attack of the table has a cell)."""
-    from .defenses import DEFENSES
-
     lines = ["Mean over the attacks above (per seed, then mean ± std over seeds):", "",
              "| Defense | labels | seeds | ACC drop | ASR | DER |", "|---|---|---|---|---|---|"]
     present = [a for a in attacks if any(r["attack"] == a for r in rows)]
@@ -537,8 +512,6 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write_bytes
-
     defenses = list(dict.fromkeys(r["defense"] for r in ok))
     attacks = list(dict.fromkeys(r["attack"] for r in ok))
     cols = min(4, len(defenses))
@@ -572,9 +545,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
 
 def write_outputs(out: Path, cfg: BenchConfig, rows: List[Dict[str, Any]], cells: Sequence[Cell],
                   missing: Sequence[str] = ()) -> None:
-    from .checkpoint import atomic_write_json, atomic_write_text
-
-    atomic_write_json(out / "results.json", {"config": to_dict(cfg), "rows": rows})
+    atomic_write_json(out / "results.json", {"config": asdict(cfg), "rows": rows})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=ROW_KEYS + ["status"], extrasaction="ignore")
     w.writeheader()

@@ -1,24 +1,34 @@
-"""Loading and saving models safely, and writing outputs atomically.
+"""Model files: loading and saving classifiers safely.
 
 Native format: ``model.safetensors`` plus a JSON sidecar ``model.json`` holding the
 :class:`~bcu.models.ModelSpec` and the SHA-256 of the weights. ``.pt``/``.pth``/``.ckpt``/``.bin``
 state dicts load with ``torch.load(weights_only=True)`` only: nothing from an untrusted file is
-ever unpickled into arbitrary objects. Every output is written to a temporary name and renamed.
+ever unpickled into arbitrary objects. Files are written atomically (:mod:`bcu.output`).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import pickle
+import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-from torch import nn
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
-from . import __version__
-from .config import from_dict, to_dict
+from .config import from_dict
 from .errors import ConfigError, ModelError, show
 from .models import Classifier, ModelSpec, build
+from .output import atomic_write_bytes, atomic_write_json
+from . import untrusted
+from .untrusted import human, open_regular, parse_json, read_bounded
+from .version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 SIDECAR_NAME = "model.json"
@@ -31,8 +41,6 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Union[str, Path]) -> str:
-    from .untrusted import open_regular
-
     h = hashlib.sha256()
     with open_regular(path, "files", ModelError) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -41,33 +49,20 @@ def sha256_file(path: Union[str, Path]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# atomic output: bcu.output (re-exported here, where they have always been imported from)
-
-from .output import (OutputDir, OutputFile, _os_error, atomic_write_bytes, atomic_write_json,  # noqa: E402,F401
-                     atomic_write_text)
-
-
-# --------------------------------------------------------------------------------------------------
 # saving
-
-
-def _spec_dict(spec: ModelSpec) -> Dict[str, Any]:
-    d = to_dict(spec)
-    return d
 
 
 def save_model(model: Classifier, directory: Union[str, Path], extra: Optional[Mapping[str, Any]] = None,
                name: str = "model") -> Dict[str, Any]:
     """Write ``<name>.safetensors`` and ``<name>.json`` (spec + SHA-256) into ``directory``."""
-    from safetensors.torch import save
-
     if not isinstance(model, Classifier):
-        raise ModelError("save_model needs a bcu Classifier (use bcu.models.create_model or wrap_model)")
+        raise ModelError("save_model needs a bcu Classifier (use bcu.models.create_model, or bcu.models.Classifier(net, "
+                         "spec) around a network of your own)")
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    data = save(state, metadata={"format": FORMAT})
+    data = save_safetensors(state, metadata={"format": FORMAT})
     digest = sha256_bytes(data)
-    sidecar = {"format": FORMAT, "bcu_version": __version__, **_spec_dict(model.spec),
+    sidecar = {"format": FORMAT, "bcu_version": __version__, **dataclasses.asdict(model.spec),
                "sha256": digest, **dict(extra or {})}
     atomic_write_bytes(directory / f"{name}.safetensors", data)
     atomic_write_json(directory / f"{name}.json", sidecar)
@@ -93,11 +88,9 @@ def resolve_model_path(path: Union[str, Path]) -> Tuple[Path, Optional[Path]]:
 
 
 def read_sidecar(path: Path) -> Dict[str, Any]:
-    from .untrusted import MAX_SIDECAR_BYTES, parse_json, read_bounded
-
     if not path.exists():
         raise ModelError(f"sidecar {path} is missing (it records the architecture; or pass --arch)")
-    data = parse_json(read_bounded(path, MAX_SIDECAR_BYTES, "sidecars", ModelError), f"sidecar {path}", ModelError)
+    data = parse_json(read_bounded(path, untrusted.MAX_SIDECAR_BYTES, "sidecars", ModelError), f"sidecar {path}", ModelError)
     if not isinstance(data, dict):
         raise ModelError(f"sidecar {path} must be a JSON object")
     return data
@@ -114,18 +107,13 @@ def spec_from_sidecar(data: Mapping[str, Any], where: str = "sidecar") -> ModelS
 
 
 def _read_bytes(path: Path) -> bytes:
-    from .untrusted import MAX_MODEL_BYTES, read_bounded
-
-    return read_bounded(path, MAX_MODEL_BYTES, "model weights", ModelError)
+    return read_bounded(path, untrusted.MAX_MODEL_BYTES, "model weights", ModelError)
 
 
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     data = _read_bytes(path)
     try:
-        state = load(data)
+        state = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
         raise ModelError(f"{path} is not a valid safetensors file (corrupt or truncated): "
                          f"{_first_line(str(e)) or type(e).__name__}") from None
@@ -133,13 +121,8 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
 
 
 def _read_torch(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
-    import pickle
-
-    import io
-    import warnings
-
     data = _read_bytes(path)
-    _check_zip_members(data, path)
+    check_zip_members(data, path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: not one line
             warnings.simplefilter("ignore")
@@ -161,14 +144,9 @@ def _read_torch(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
     return dict(obj), sha256_bytes(data)
 
 
-def _check_zip_members(data: bytes, path: Path) -> None:
+def check_zip_members(data: bytes, path: Path) -> None:
     """A torch zip whose records would expand past what the file holds (or past
     :data:`bcu.untrusted.MAX_DECOMPRESSED_BYTES`) is refused before torch allocates them."""
-    import io
-    import zipfile
-
-    from .untrusted import MAX_DECOMPRESSED_BYTES, human
-
     if data[:2] != b"PK":
         return
     try:
@@ -181,15 +159,13 @@ def _check_zip_members(data: bytes, path: Path) -> None:
         total += info.file_size
         stored = info.compress_type == zipfile.ZIP_STORED
         if (stored and info.file_size > len(data)) or (not stored and info.file_size > 1032 * info.compress_size + 4096) \
-                or total > MAX_DECOMPRESSED_BYTES + len(data):
+                or total > untrusted.MAX_DECOMPRESSED_BYTES + len(data):
             raise ModelError(f"{path} is not a readable PyTorch state dict: record {show(info.filename)} declares "
                              f"{human(info.file_size)}, more than the file can hold")
 
 
 def _first_line(text: str, limit: int = 160) -> str:
     """The first non-empty line of ``text`` without terminal escapes, at most ``limit`` characters."""
-    import re
-
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     return line[:limit]
@@ -206,8 +182,6 @@ def _unpickling_reason(text: str) -> str:
     torch's message is paragraphs of advice around one line about the file; that line is kept (up
     to its end, never cut mid-sentence below 300 characters) and torch's advice is dropped.
     """
-    import re
-
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
     marker = "WeightsUnpickler error:"
     if marker in text:
@@ -344,8 +318,3 @@ def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: 
     load_state_into(model, state, str(weights))
     model.eval()
     return model, {"sha256": digest, "sidecar": sidecar, "path": str(weights)}
-
-
-def wrap_model(net: nn.Module, spec: ModelSpec) -> Classifier:
-    """Wrap an existing network (already built) as a Classifier with ``spec``'s normalisation."""
-    return Classifier(net, spec)

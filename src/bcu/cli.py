@@ -1,17 +1,27 @@
-"""``bcu``: the command-line interface (a thin layer over the Python API)."""
+"""``bcu``: the command-line interface. Argument plumbing only: each command parses its flags,
+calls one workflow (:mod:`bcu.workflows`, :mod:`bcu.demo`, :mod:`bcu.bench`) and prints the result;
+every error is one line on stderr with a non-zero exit code (docs/errors.md)."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import errno
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
-from . import __version__
-from .errors import BcuError, ConfigError, DataError, Interrupted, clean
-from . import seeding
+from . import runtime, workflows
+from .attacks import ATTACKS
+from .bench import load_config, run_bench
+from .checkpoint import load_model
+from .config import describe
+from .defenses import DEFENSES
+from .demo import run_demo
+from .errors import BcuError, ConfigError, ModelError, clean
+from .models import MODELS
+from .output import has_checkpoint
+from .report import scores_table
+from .seeding import SEED_MAX, SEED_MIN
+from .version import __version__
 
 
 # --------------------------------------------------------------------------------------------------
@@ -36,8 +46,6 @@ def _shape(text: str):
 
 
 def _seed(text: str) -> int:
-    from .seeding import SEED_MAX, SEED_MIN
-
     try:
         v = int(text) if len(text) <= 40 else None
     except ValueError:
@@ -83,117 +91,24 @@ def add_config(p: argparse.ArgumentParser) -> None:
                    help="override one option, e.g. --set distill.mixup_alpha=1.0 (repeatable)")
 
 
-def load_model_from_args(args: argparse.Namespace, path: Optional[str] = None):
-    from .checkpoint import load_model
-
-    kwargs = {"width": args.width} if getattr(args, "width", None) is not None else {}
-    return load_model(path or args.model, arch=getattr(args, "arch", None), num_classes=getattr(args, "num_classes", None),
-                      input_shape=getattr(args, "input_shape", None), mean=getattr(args, "mean", None),
-                      std=getattr(args, "std", None), **kwargs)
-
-
-def cleanse_config_from_args(args: argparse.Namespace):
-    """preset <- config file <- --set <- explicit flags."""
-    from .config import deep_merge, load_file, parse_overrides
-    from .defenses.bcu import preset
-
-    over: Dict[str, Any] = {}
-    name = args.preset
-    if args.config:
-        data = load_file(args.config)
-        name = data.pop("preset", name)
-        over = deep_merge(over, data)
-    over = deep_merge(over, parse_overrides(args.set))
-    flags = {"optim": {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
-                                         ("lr", args.lr)) if v is not None}}
-    if args.seed is not None:
-        flags["seed"] = args.seed
-    over = deep_merge(over, flags)
-    return preset(name, over)
-
-
-def attack_from_spec(spec: str, overrides: Dict[str, Any], image_shape, num_classes: int):
-    """An attack from an artifact folder/JSON written by `bcu attack`, or a registered name."""
-    from .attacks import create_attack, load_attack
-
-    p = Path(spec)
-    if p.exists():
-        if p.is_dir() and not (p / "attack.json").is_file():
-            raise DataError(f"{p} holds no attack.json (write one with `bcu attack`)")
-        attack = load_attack(p)
-        if overrides:
-            raise ConfigError("attack options cannot be changed for a saved attack artifact")
-        return attack
-    return create_attack(spec, overrides, image_shape, num_classes)
-
-
-def _interrupted(e: BaseException, staging: Path) -> Interrupted:
-    """The Ctrl-C message: how to go on, and only promise --resume when a checkpoint exists."""
-    if (staging / "resume" / "state.pt").is_file():
-        return Interrupted(f"{e}; progress is kept in {staging}: run the same command with --resume to continue")
-    return Interrupted(f"{e}; nothing resumable was saved yet: run the same command again")
-
-
-def _check_images(model, data, where: str) -> None:
-    """Images of the wrong channel count or size are refused before any output is written."""
-    if len(data) == 0:
-        raise DataError(f"{where} holds no images")
-    c, h, w = (int(v) for v in model.spec.input_shape)
-    dc, dh, dw = data.shape
-    if (c, h, w) != (dc, dh, dw):
-        what = "channel count" if c != dc else "image size"
-        raise DataError(f"{where}: images are {dc}x{dh}x{dw} (CxHxW) but the model expects {c}x{h}x{w}: "
-                        f"wrong {what}")
+def model_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """What ``--arch``, ``--num-classes``, ``--input-shape``, ``--mean``, ``--std`` and ``--width`` say
+    about a model (a sidecar says it otherwise)."""
+    opts = {k: getattr(args, k, None) for k in ("arch", "num_classes", "input_shape", "mean", "std")}
+    if getattr(args, "width", None) is not None:
+        opts["width"] = args.width
+    return opts
 
 
 def _setup_runtime(args: argparse.Namespace) -> None:
-    from . import runtime
-
     runtime.setup(getattr(args, "device", "cpu"), getattr(args, "threads", None))
 
 
-def _inputs(*specs: Any, models: Sequence[Any] = ()) -> List[str]:
-    """The paths a command reads: data specs that are paths (or name Fashion-MNIST's folder),
-    config files, attack artifacts, and each model's weights file and sidecar. No output may be,
-    or contain, one of them (bcu.output)."""
-    from .checkpoint import resolve_model_path
-    from .data import fashion_mnist_dir
-    from .errors import ModelError
-
-    out: List[str] = []
-    for spec in specs:
-        if spec is None:
-            continue
-        s = str(spec)
-        if s.lower() in ("fashion-mnist", "fmnist", "fashion_mnist"):
-            try:
-                out.append(str(fashion_mnist_dir()))
-            except DataError:
-                pass
-        elif os.path.lexists(s):
-            out.append(s)
-    for m in models:
-        if m is None:
-            continue
-        out.append(str(m))
-        try:
-            w, side = resolve_model_path(m)
-            out += [str(w)] + ([str(side)] if side is not None else [])
-        except ModelError:
-            pass
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
-# commands
+# commands: arguments in, a workflow call, its result printed
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from . import config as C
-    from .attacks import ATTACKS
-    from .defenses import DEFENSES
-    from .models import MODELS
-
     what = args.what or "all"
     if what in ("models", "all"):
         print("models:")
@@ -205,7 +120,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             cls = ATTACKS.get(n)
             print(f"  {n:18s} [{cls.kind}] {ATTACKS.help(n)}")
             if args.verbose:
-                for line in C.describe(cls.Config):
+                for line in describe(cls.Config):
                     print(f"      {line}")
     if what in ("defenses", "all"):
         print("defenses:")
@@ -217,146 +132,33 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanse(args: argparse.Namespace) -> int:
-    from .checkpoint import OutputDir, save_model, sha256_bytes
-    from .data import load_dataset
-    from .defenses.bcu import Cleanser
-    from .report import write_cleanse_report
-
     _setup_runtime(args)
-    cfg = cleanse_config_from_args(args)
-    model, info = load_model_from_args(args)
-    if getattr(args, "stream", False):  # images stay on disk, read batch by batch (docs/performance.md)
-        from .stream import load_stream
-
-        data = load_stream(args.data, split=args.split, labels=False)
-    else:
-        data = load_dataset(args.data, split=args.split, labels=False, progress=args.progress)
-    if args.max_images is not None:
-        if args.max_images < 1:
-            raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
-        from .data import take
-
-        data = take(data, args.max_images, seed=cfg.seed)  # ImageSet or stream: both have subset()
-    _check_images(model, data, args.data)
-    from . import dist
-
-    args.device = dist.device_for(args.device)  # under torchrun: one GPU per process
-    if not dist.is_main():  # torchrun: ranks > 0 train their shard, rank 0 alone writes (docs/distributed.md)
-        dist.init(args.device)
-        Cleanser(cfg).run(model, data, device=args.device, progress=False)
-        dist.barrier()
-        dist.shutdown()
+    cfg = workflows.cleanse_config(args.preset, args.config, args.set, args.epochs, args.batch_size, args.lr,
+                                   args.seed)
+    done = workflows.cleanse(args.model, args.data, args.out, cfg, split_name=args.split, stream=args.stream,
+                             max_images=args.max_images, test_data=args.test_data, attack_spec=args.attack,
+                             config_path=args.config, model_options=model_options(args), overwrite=args.overwrite,
+                             resume=args.resume, device=args.device, progress=args.progress)
+    if done.out is None:  # a torchrun rank > 0: rank 0 writes and prints
         return 0
-    scores = {}
-    test = attack = trig = None
-    if args.test_data:
-        test = load_dataset(args.test_data, split="test", labels=True)
-        _check_images(model, test, args.test_data)
-        if args.attack:
-            attack = attack_from_spec(args.attack, {}, model.spec.input_shape, model.spec.num_classes)
-    from .config import to_dict
-    from .train import resume_fingerprint
-
-    inputs = _inputs(args.data, args.test_data, args.attack, args.config, models=[args.model])
-    data_sha = data.fingerprint()
-    fingerprint = {"command": "cleanse", "model_sha256": info["sha256"], "data_sha256": data_sha,
-                   "images": len(data), "config": to_dict(cfg)}
-    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume, inputs=inputs, kind="cleanse") as out, \
-            resume_fingerprint(fingerprint):
-        try:
-            result = Cleanser(cfg).run(model, data, device=args.device, progress=args.progress,
-                                       resume_dir=out.path / "resume")
-        except Interrupted as e:
-            raise _interrupted(e, out.path) from None
-        sidecar = save_model(result.model.cpu(), out.path, extra={"cleansed_by": "bcu", "teacher_sha256": info["sha256"]})
-        if test is not None:
-            from .metrics import accuracy, attack_scores, der
-
-            if attack is not None:
-                trig = attack.triggered_test(test)
-                before = attack_scores(model, test, attack, args.device, triggered=trig)
-                after = attack_scores(result.model, test, attack, args.device, triggered=trig)
-                scores = {"teacher": before.as_dict(), "cleansed": after.as_dict()}
-            else:
-                scores = {"teacher": {"acc": accuracy(model, test, args.device)},
-                          "cleansed": {"acc": accuracy(result.model, test, args.device)}}
-        report = {
-            "bcu_version": __version__, "command": "bcu " + " ".join(sys.argv[1:]),
-            "input": {"model": str(args.model), "sha256": info["sha256"], "data": str(args.data),
-                      "images": len(data), "data_sha256": data_sha, "labels_read": False},
-            "output": {"sha256": sidecar["sha256"]},
-            "scores": scores or None,
-            "der": (der(before, after) if attack is not None and test is not None else None),
-            **result.info, "history": result.history,
-        }
-        write_cleanse_report(out.path, report, result.history)
-        final = out.commit()
-    dist.barrier()
-    dist.shutdown()
-    print(f"cleansed model written to {clean(final)}/ (report: {clean(final)}/report.md)")
-    if scores:
-        from .report import scores_table
-
-        print(scores_table(scores))
+    print(f"cleansed model written to {clean(done.out)}/ (report: {clean(done.out)}/report.md)")
+    if done.scores:
+        print(scores_table(done.scores))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import parse_overrides
-    from .data import load_dataset
-    from .metrics import accuracy, attack_scores, der
-    from .output import OutputFile
-    from .report import scores_table
-
     _setup_runtime(args)
-    json_out = None
-    if args.json:  # checked before the work: an existing file, a link, the model's own sidecar... are refused
-        json_out = OutputFile(args.json, overwrite=args.overwrite, flag="--json",
-                              inputs=_inputs(args.data, args.attack, models=[args.model, args.original])).check()
-    model, info = load_model_from_args(args)
-    test = load_dataset(args.data, split=args.split, labels=True)
-    if test.shape != tuple(model.spec.input_shape):
-        raise DataError(f"test images are {'x'.join(map(str, test.shape))} but the model expects "
-                        f"{'x'.join(map(str, model.spec.input_shape))}")
-    result: Dict[str, Any] = {"model": str(args.model), "sha256": info["sha256"], "data": str(args.data)}
-    named = {}
-    if args.attack:
-        attack = attack_from_spec(args.attack, parse_overrides(args.set).get("attack", {}),
-                                  model.spec.input_shape, model.spec.num_classes)
-        trig = attack.triggered_test(test)
-        after = attack_scores(model, test, attack, args.device, triggered=trig)
-        named["model"] = after.as_dict()
-        result.update(after.as_dict())
-        result["asr_by_class"] = after.asr_by_class
-        result["attack"] = attack.describe()
-        if args.original:
-            orig, _ = load_model_from_args(args, args.original)
-            before = attack_scores(orig, test, attack, args.device, triggered=trig)
-            named = {"original": before.as_dict(), **named}
-            result["original"] = before.as_dict()
-            result["der"] = der(before, after)
-    else:
-        result["acc"] = accuracy(model, test, args.device)
-        named["model"] = {"acc": result["acc"]}
-    print(scores_table(named))
-    if "der" in result:
-        print(f"DER: {result['der']:.2f}")
-    if json_out is not None:
-        json_out.write_json(result)
+    ev = workflows.evaluate(args.model, args.data, split_name=args.split, attack_spec=args.attack, sets=args.set,
+                            original=args.original, json_out=args.json, overwrite=args.overwrite,
+                            model_options=model_options(args), device=args.device)
+    print(scores_table(ev.named))
+    if "der" in ev.result:
+        print(f"DER: {ev.result['der']:.2f}")
     return 0
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .attacks import ATTACKS
-    from .checkpoint import OutputDir, atomic_write_bytes, atomic_write_json, save_model
-    from .config import describe, parse_overrides
-    from .data import AugmentConfig, load_dataset, split
-    from .metrics import attack_scores
-    from .models import create_model
-    from .train import OptimConfig
-
     if args.list or not args.attack:
         if not args.list:
             raise ConfigError("--attack is required (see `bcu attack --list`)")
@@ -369,125 +171,30 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if not args.out:
         raise ConfigError("--out is required")
     _setup_runtime(args)
-    over = parse_overrides(args.set)
-    attack_over = over.pop("attack", {})
-    for k in ("target", "poison_rate"):
-        if getattr(args, k) is not None:
-            attack_over[k] = getattr(args, k)
-    attack_over.setdefault("seed", args.seed)
-    train = load_dataset(args.data, split="train", labels=True, progress=args.progress)
-    num_classes = train.num_classes or 10
-    from .attacks import create_attack
-
-    attack = create_attack(args.attack, attack_over, train.shape, num_classes)
-    from .config import from_dict
-
-    optim = from_dict(OptimConfig, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                                    **over.pop("optim", {})})
-    augment = from_dict(AugmentConfig, over.pop("augment", {}))
-    if over:
-        raise ConfigError(f"unknown option {next(iter(over))} (use attack.*, optim.*, augment.*)")
-    holdout = None
-    if args.holdout:
-        train, holdout = split(train, args.holdout, seed=args.seed)
-    import torch
-
-    seeding.manual_seed(args.seed)
-    kwargs = {"width": args.width} if args.width else {}
-    mean = args.mean or tuple(float(v) for v in (train.images.float() / 255).mean((0, 2, 3)))
-    std = args.std or tuple(float(v) for v in (train.images.float() / 255).std((0, 2, 3)))
-    model = create_model(args.arch, num_classes, train.shape, mean=mean, std=std, classes=train.classes, **kwargs)
-    from .config import to_dict
-    from .train import resume_fingerprint
-
-    fingerprint = {"command": "attack", "attack": args.attack, "attack_config": to_dict(attack.config),
-                   "data_sha256": train.fingerprint(), "images": len(train), "holdout": args.holdout,
-                   "arch": args.arch, "width": args.width, "mean": list(mean), "std": list(std),
-                   "optim": to_dict(optim), "augment": to_dict(augment), "seed": args.seed}
-    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume, inputs=_inputs(args.data),
-                   kind="attack") as out, resume_fingerprint(fingerprint):
-        t0 = time.time()
-        try:
-            history = attack.train(model, train, optim, augment_cfg=augment, seed=args.seed, device=args.device,
-                                   resume_dir=out.path / "resume", progress=args.progress)
-        except Interrupted as e:
-            raise _interrupted(e, out.path) from None
-        seconds = time.time() - t0
-        save_model(model.cpu(), out.path, extra={"attack": args.attack})
-        attack.save(out.path)
-        metrics: Dict[str, Any] = {"attack": args.attack, "seconds": seconds, "train_images": len(train),
-                                   "history": history}
-        if holdout is not None:
-            buf = __import__("io").BytesIO()
-            np.savez(buf, x=holdout.images.numpy(), y=holdout.labels.numpy())
-            atomic_write_bytes(out.path / "unlabeled.npz", buf.getvalue())
-            metrics["holdout_images"] = len(holdout)
-        try:
-            test = load_dataset(args.data, split="test", labels=True)
-        except DataError:
-            test = None
-        if test is not None:
-            metrics.update(attack_scores(model, test, attack, args.device).as_dict())
-        atomic_write_json(out.path / "metrics.json", metrics)
-        final = out.commit()
-    shown = clean(final)
-    print(f"backdoored model written to {shown}/" + (f" (held-out images: {shown}/unlabeled.npz)" if holdout else ""))
-    if test is not None:
-        from .report import scores_table
-
-        print(scores_table({args.attack: {k: metrics[k] for k in ("acc", "asr", "ra")}}))
+    done = workflows.attack(args.attack, args.out, data=args.data, arch=args.arch, width=args.width, mean=args.mean,
+                            std=args.std, target=args.target, poison_rate=args.poison_rate, epochs=args.epochs,
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, holdout=args.holdout,
+                            sets=args.set, overwrite=args.overwrite, resume=args.resume, device=args.device,
+                            progress=args.progress)
+    shown = clean(done.out)
+    print(f"backdoored model written to {shown}/" + (f" (held-out images: {shown}/unlabeled.npz)" if done.holdout else ""))
+    if done.scores is not None:
+        print(scores_table({args.attack: done.scores}))
     return 0
 
 
 def cmd_defend(args: argparse.Namespace) -> int:
     """Run any registered defense (label-using ones read the data's labels; bcu never does)."""
-    from .checkpoint import OutputDir, atomic_write_json, save_model
-    from .config import deep_merge, load_file, parse_overrides
-    from .data import load_dataset
-    from .defenses import DEFENSES, create_defense, run_defense
-
     _setup_runtime(args)
-    cls = DEFENSES.get(args.defense)
-    over: Dict[str, Any] = load_file(args.config) if args.config else {}
-    over = deep_merge(over, parse_overrides(args.set))
-    defense = create_defense(args.defense, over)
-    model, info = load_model_from_args(args)
-    data = None
-    if cls.uses_data:
-        if not args.data:
-            raise ConfigError(f"defense {args.defense!r} needs --data")
-        data = load_dataset(args.data, split=args.split, labels=cls.uses_labels, progress=args.progress)
-        _check_images(model, data, args.data)
-    from .config import to_dict
-    from .train import resume_fingerprint
-
-    data_sha = data.fingerprint() if data is not None else None
-    fingerprint = {"command": "defend", "defense": args.defense, "config": to_dict(defense.config),
-                   "model_sha256": info["sha256"], "data_sha256": data_sha, "seed": args.seed}
-    with OutputDir(args.out, overwrite=args.overwrite, resume=args.resume, kind="defend",
-                   inputs=_inputs(args.data, args.config, models=[args.model])) as out, resume_fingerprint(fingerprint):
-        try:
-            result = run_defense(defense, model, data, device=args.device, seed=args.seed, progress=args.progress,
-                                 resume_dir=out.path / "resume")
-        except Interrupted as e:
-            raise _interrupted(e, out.path) from None
-        sidecar = save_model(result.model.cpu(), out.path, extra={"defense": args.defense,
-                                                                  "input_sha256": info["sha256"]})
-        atomic_write_json(out.path / "report.json", {
-            "defense": args.defense, "uses_labels": cls.uses_labels, "input": {"model": str(args.model),
-            "sha256": info["sha256"], "data": args.data,
-            "data_sha256": data_sha},
-            "output": {"sha256": sidecar["sha256"]},
-            "info": result.info, "history": result.history})
-        final = out.commit()
+    final = workflows.defend(args.defense, args.model, args.out, data=args.data, split_name=args.split,
+                             config=args.config, sets=args.set, model_options=model_options(args), seed=args.seed,
+                             overwrite=args.overwrite, resume=args.resume, device=args.device, progress=args.progress)
     print(f"{args.defense}: repaired model written to {clean(final)}/")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .errors import ModelError
-
-    model, info = load_model_from_args(args)
+    model, info = load_model(args.model, **model_options(args))
     spec = model.spec
     if info["sidecar"] and not info["sidecar"].get("sha256"):
         raise ModelError(f"sidecar of {info['path']} records no sha256: the weights cannot be verified")
@@ -498,8 +205,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     _setup_runtime(args)
     run_demo(out=Path(args.out), overwrite=args.overwrite, attack_epochs=args.attack_epochs,
              cleanse_epochs=args.epochs, preset_name=args.preset, seed=args.seed, data=args.data,
@@ -509,8 +214,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run (or continue) a benchmark grid from a config file; write results.{json,csv,md} and plots."""
-    from .bench import load_config, run_bench
-
     _setup_runtime(args)
     cfg = load_config(args.config)
     if args.device != "cpu":
@@ -662,13 +365,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
-        saved = bool(out) and (Path(str(out) + ".partial") / "resume" / "state.pt").is_file()
+        saved = bool(out) and has_checkpoint(out)
         hint = "; run the same command with --resume to continue" if saved else ""
         print(f"bcu: error: interrupted{hint}", file=sys.stderr)
         return 130
     except OSError as e:  # the environment, not a bug: full disk, read-only or vanished files
-        import errno
-
         where = f": {clean(e.filename)}" if getattr(e, "filename", None) else ""
         if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
             print(f"bcu: error: disk full{where}", file=sys.stderr)

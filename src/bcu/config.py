@@ -2,7 +2,8 @@
 
 Every config in bcu is a dataclass whose defaults come from the paper it implements. This module
 turns untrusted text (a config file, ``--set`` flags) into those dataclasses with type coercion and
-validation, and back into plain dicts for reports. Only :class:`~bcu.errors.ConfigError` escapes.
+validation (``dataclasses.asdict`` turns them back into plain dicts for reports). Only
+:class:`~bcu.errors.ConfigError` escapes.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Type, TypeVar, 
 import yaml
 
 from .errors import ConfigError, show
+from . import untrusted
+from .untrusted import check_tree, read_bounded
 
 INT_MIN, INT_MAX = -(2 ** 63), 2 ** 63 - 1  # every integer option fits in int64
 FLOAT_LIMIT = 1e12  # |x| of any number option: larger values overflow float32 arithmetic and mean nothing
@@ -157,20 +160,9 @@ def from_dict(cls: Type[C], data: Optional[Mapping[str, Any]] = None, where: str
     return obj
 
 
-def to_dict(obj: Any) -> Any:
-    """A JSON-serialisable copy of a (nested) dataclass."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): to_dict(v) for k, v in obj.items()}
-    return obj
-
-
 def replace(obj: C, updates: Mapping[str, Any]) -> C:
     """A validated copy of dataclass ``obj`` with nested ``updates`` merged in."""
-    merged = deep_merge(to_dict(obj), updates)
+    merged = deep_merge(dataclasses.asdict(obj), updates)
     return from_dict(type(obj), merged)
 
 
@@ -209,8 +201,6 @@ def _yaml_children(node: Any) -> List[Any]:
 
 def _check_yaml_size(root: Any, where: str) -> None:
     """Expanded size (every alias counted with its whole sub-tree) and depth of a composed YAML graph."""
-    from .untrusted import MAX_TREE_DEPTH, MAX_TREE_NODES
-
     sizes: Dict[int, int] = {}
     on_path: set = set()
     stack = [(root, False, 1)]
@@ -220,8 +210,8 @@ def _check_yaml_size(root: Any, where: str) -> None:
         if done:
             on_path.discard(nid)
             total = 1 + sum(sizes[id(c)] for c in _yaml_children(node))
-            if total > MAX_TREE_NODES:
-                raise ConfigError(f"{where} expands to more than {MAX_TREE_NODES} values (YAML aliases count "
+            if total > untrusted.MAX_TREE_NODES:
+                raise ConfigError(f"{where} expands to more than {untrusted.MAX_TREE_NODES} values (YAML aliases count "
                                   f"once per use)")
             sizes[nid] = total
             continue
@@ -229,8 +219,8 @@ def _check_yaml_size(root: Any, where: str) -> None:
             continue
         if nid in on_path:
             raise ConfigError(f"{where} holds a YAML alias that refers to itself")
-        if depth > MAX_TREE_DEPTH:
-            raise ConfigError(f"{where} is nested more than {MAX_TREE_DEPTH} levels deep")
+        if depth > untrusted.MAX_TREE_DEPTH:
+            raise ConfigError(f"{where} is nested more than {untrusted.MAX_TREE_DEPTH} levels deep")
         on_path.add(nid)
         stack.append((node, True, depth))
         stack.extend((c, False, depth + 1) for c in _yaml_children(node) if id(c) not in sizes)
@@ -257,12 +247,10 @@ def load_file(path: Union[str, Path]) -> Dict[str, Any]:
     At most :data:`bcu.untrusted.MAX_CONFIG_BYTES`, from a regular file; the parsed document is
     bounded in size and depth, and any parser failure is one ConfigError line.
     """
-    from .untrusted import MAX_CONFIG_BYTES, check_tree, read_bounded
-
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {str(p)!r} does not exist")
-    raw = read_bounded(p, MAX_CONFIG_BYTES, "config files", ConfigError)
+    raw = read_bounded(p, untrusted.MAX_CONFIG_BYTES, "config files", ConfigError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -340,5 +328,5 @@ def describe(cls: Type[Any], prefix: str = "") -> List[str]:
         else:
             default = "(required)"
         doc = f.metadata.get("help", "")
-        lines.append(f"{prefix}{f.name} = {json.dumps(to_dict(default))}" + (f"  # {doc}" if doc else ""))
+        lines.append(f"{prefix}{f.name} = {json.dumps(default)}" + (f"  # {doc}" if doc else ""))
     return lines

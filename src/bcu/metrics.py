@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from .data import ImageSet
+from .data.imageset import ImageSet
 from .errors import DataError
 from .train import predict
 
@@ -48,32 +48,19 @@ def rate_by_class(hit: torch.Tensor, labels: torch.Tensor, classes: Optional[Seq
     return out
 
 
-def _triggered_hits(model: nn.Module, test: ImageSet, attack: "Attack", device: str, batch_size: int,
-                    triggered: Optional[ImageSet]):
+def attack_scores(model: nn.Module, test: ImageSet, attack: "Attack", device: str = "cpu",
+                  batch_size: int = 1024, triggered: Optional[ImageSet] = None) -> Scores:
+    """ACC on ``test``; ASR and RA on its triggered non-target images (all-to-one), and ASR per
+    true (source) class from the same predictions (``Scores.asr_by_class``, keyed by class name or
+    index: a backdoor that flips some classes and not others shows there, not in the mean)."""
+    acc = accuracy(model, test, device, batch_size)
     trig = triggered if triggered is not None else attack.triggered_test(test)
     if len(trig) == 0:
         raise DataError("no non-target test images to measure ASR on")
     pred = predict(model, trig.images, batch_size, device).argmax(1)
-    return pred, trig.labels, pred == attack.target_labels(trig.labels)
-
-
-def attack_scores(model: nn.Module, test: ImageSet, attack: "Attack", device: str = "cpu",
-                  batch_size: int = 1024, triggered: Optional[ImageSet] = None) -> Scores:
-    """ACC on ``test``; ASR and RA on its triggered non-target images (all-to-one), and ASR per
-    source class from the same predictions."""
-    acc = accuracy(model, test, device, batch_size)
-    pred, labels, hit = _triggered_hits(model, test, attack, device, batch_size, triggered)
-    ra = float((pred == labels).float().mean()) * 100
-    return Scores(acc, float(hit.float().mean()) * 100, ra, rate_by_class(hit, labels, test.classes))
-
-
-def asr_by_class(model: nn.Module, test: ImageSet, attack: "Attack", device: str = "cpu",
-                 batch_size: int = 1024, triggered: Optional[ImageSet] = None) -> Dict[str, float]:
-    """ASR per true (source) class of the triggered non-target test images, keyed by class name
-    (or index). A backdoor that flips some classes and not others shows here, not in the mean.
-    (:func:`attack_scores` returns the same in ``Scores.asr_by_class`` without a second pass.)"""
-    _, labels, hit = _triggered_hits(model, test, attack, device, batch_size, triggered)
-    return rate_by_class(hit, labels, test.classes)
+    hit = pred == attack.target_labels(trig.labels)
+    ra = float((pred == trig.labels).float().mean()) * 100
+    return Scores(acc, float(hit.float().mean()) * 100, ra, rate_by_class(hit, trig.labels, test.classes))
 
 
 def der(before: Scores, after: Scores) -> float:

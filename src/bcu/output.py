@@ -35,11 +35,12 @@ from typing import Any, Iterable, List, Optional, Union
 
 import torch
 
-from . import __version__
-from .errors import BcuError, OutputError, ResumeMismatch
+from .version import __version__
+from .errors import BcuError, Interrupted, OutputError, ResumeMismatch
 from .lock import ExclusiveLock
 
 MARKER = ".bcu-output"
+RESUME = "resume"  # the staging folder's sub-folder of resume checkpoints (never part of the output)
 MARKER_FORMAT = "bcu-output/1"
 PathLike = Union[str, Path]
 
@@ -103,10 +104,8 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 
 
 def _json_default(o: Any) -> Any:
-    from .config import to_dict
-
-    if dataclasses.is_dataclass(o):
-        return to_dict(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
     if isinstance(o, (Path,)):
         return str(o)
     if isinstance(o, torch.Tensor):
@@ -317,9 +316,22 @@ class OutputDir:
     def path(self) -> Path:
         return self.staging
 
+    @property
+    def resume_dir(self) -> Path:
+        """Where the run keeps its resume checkpoints (removed by :meth:`commit`)."""
+        return self.staging / RESUME
+
+    def interrupted(self, e: BaseException) -> Interrupted:
+        """The Ctrl-C message: how to go on, and only promise --resume when a checkpoint exists."""
+        if has_checkpoint(self.final):
+            return Interrupted(f"{e}; progress is kept in {self.staging}: run the same command with --resume to "
+                               f"continue")
+        return Interrupted(f"{e}; nothing resumable was saved yet: run the same command again")
+
     def commit(self) -> Path:
-        """Rename the staging folder to ``<out>`` (replacing a previous bcu output, atomically)."""
-        _remove_tree(self.staging / "resume")  # the checkpoint is not part of the output
+        """Remove the resume checkpoints, then rename the staging folder to ``<out>`` (replacing a
+        previous bcu output, atomically)."""
+        _remove_tree(self.resume_dir)  # the checkpoint is not part of the output
         if self.overwrite:
             check_replaceable(self.final, self.flag)
         elif os.path.lexists(self.final):
@@ -345,15 +357,6 @@ class OutputDir:
         self._committed = True
         return self.final
 
-    def _has_checkpoint(self) -> bool:
-        """A finished checkpoint file in ``resume/`` (temporary ``.name.tmp`` files do not count)."""
-        d = self.staging / "resume"
-        try:
-            return d.is_dir() and not d.is_symlink() and any(
-                p.is_file() and not p.name.startswith(".") for p in d.iterdir())
-        except OSError:
-            return False
-
     def _release(self) -> None:
         if self.lock is not None:
             self.lock.release()
@@ -364,7 +367,7 @@ class OutputDir:
             if exc_type is None or self._committed:
                 return
             interrupted = exc_type is KeyboardInterrupt or (isinstance(exc, BcuError) and exc.exit_code == 130)
-            if (interrupted and self._has_checkpoint()) or isinstance(exc, ResumeMismatch):
+            if (interrupted and has_checkpoint(self.final)) or isinstance(exc, ResumeMismatch):
                 return  # keep the checkpoint for --resume
             try:
                 st = os.lstat(self.staging)
@@ -374,6 +377,17 @@ class OutputDir:
                 shutil.rmtree(self.staging, ignore_errors=True)
         finally:
             self._release()
+
+
+def has_checkpoint(final: PathLike) -> bool:
+    """A finished resume checkpoint in ``<final>.partial/resume/`` (of any training phase, in a
+    sub-folder or not; temporary ``.name.tmp`` files do not count)."""
+    d = Path(os.fspath(final) + ".partial") / RESUME
+    try:
+        return d.is_dir() and not d.is_symlink() and any(
+            p.is_file() and not p.name.startswith(".") for p in d.rglob("*"))
+    except OSError:
+        return False
 
 
 class OutputFile:

@@ -1,10 +1,11 @@
 """Reports a person would rather read: JSON for machines, Markdown and PNG plots for people."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .output import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 def fmt(v: Any, digits: int = 2) -> str:
@@ -31,8 +32,6 @@ def plot_curves(history: List[Dict[str, Any]], path: Path, title: str = "distill
     """Loss and teacher/student agreement per epoch into a PNG; False when there is nothing to plot."""
     if not history:
         return False
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +88,8 @@ def write_cleanse_report(out: Path, report: Dict[str, Any], history: List[Dict[s
         md += ["## Distillation", "", "![loss and agreement per epoch](curves.png)", ""]
     if history:
         last = history[-1]
-        md += [f"Final epoch: loss {fmt(last.get('loss'), 4)}, agreement {fmt(last.get('monitor_agree', last.get('agree')))} %.", ""]
+        agree = fmt(last.get("monitor_agree", last.get("agree")))
+        md += [f"Final epoch: loss {fmt(last.get('loss'), 4)}, agreement {agree} %.", ""]
     if report.get("layers"):
         md += ["## Re-initialised layers", "", layers_table(report["layers"]), ""]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ConfigError, show
+
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
@@ -29,8 +31,6 @@ def manual_seed(seed: int) -> None:
 
 def check_seed(value: object, where: str = "seed") -> int:
     """``value`` when it is a 64-bit integer seed, else a ConfigError naming ``where``."""
-    from .errors import ConfigError, show
-
     if isinstance(value, bool) or not isinstance(value, int) or not SEED_MIN <= value <= SEED_MAX:
         raise ConfigError(f"{where} must be an integer in [-2^63, 2^63 - 1], got {show(value)}")
     return value

@@ -1,34 +1,40 @@
 """The one training loop that attacks and defenses share.
 
-``fit`` runs SGD epochs over resident uint8 data with batch-level augmentation, calls an
-*objective* for the loss of each batch (cross-entropy for attacks and label-using defenses,
-distillation for bcu), schedules the learning rate, shows progress, checkpoints every epoch for
-``--resume`` and keeps a per-epoch history. Randomness comes from one generator per epoch seeded
-from ``(seed, epoch)``, so a resumed run is bit-identical to an uninterrupted one on CPU.
+``fit`` runs epochs of the configured optimiser (:class:`OptimConfig`: SGD, Adam or AdamW) over
+an image set (:class:`~bcu.data.imageset.Images`: resident or streamed) with batch-level
+augmentation, calls an *objective* for the loss of each batch (cross-entropy for attacks and
+label-using defenses, distillation for bcu), schedules the learning rate, shows progress,
+checkpoints every epoch for ``--resume`` (:mod:`bcu.resume`) and keeps a per-epoch history.
+Randomness comes from one generator per epoch seeded from ``(seed, epoch)``, so a resumed run is
+bit-identical to an uninterrupted one on CPU.
+
+An objective is any callable ``(model, x, y_or_None, step) -> (loss, metrics)``. One that carries
+state of its own across batches (a trigger generator and its optimiser, a bank of perturbations)
+implements :class:`StatefulObjective`: ``fit`` saves that state in every checkpoint and restores
+it on resume; one that updates something after each optimiser step implements
+:class:`SteppingObjective`.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import io
-import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dist as bdist
+from . import resume, seeding
 from .config import check
-from .data import AugmentConfig, ImageSet, augment, batches, to_float
-from .errors import BcuError, DataError, Interrupted, show
+from .data.augment import AugmentConfig, augment
+from .data.imageset import Images, to_float
+from .errors import BcuError, ConfigError, DataError, Interrupted
 from .progress import progress_bar
-from . import seeding
 
 
 @dataclass
@@ -82,6 +88,25 @@ class Objective(Protocol):
                  step: "Step") -> Tuple[torch.Tensor, Dict[str, float]]: ...
 
 
+@runtime_checkable
+class StatefulObjective(Protocol):
+    """An objective whose own state must survive a resume: ``fit`` stores ``state_dict()`` in every
+    checkpoint (under the run's fingerprint) and hands it back to ``load_state_dict(state, where)``,
+    which checks it (see :mod:`bcu.resume`) before using it."""
+
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state: Any, where: Path) -> None: ...
+
+
+@runtime_checkable
+class SteppingObjective(Protocol):
+    """An objective that updates something of its own after each optimiser step of the model (e.g.
+    a trigger generator with its own optimiser, trained by the same backward pass)."""
+
+    def after_step(self) -> None: ...
+
+
 @dataclass
 class Step:
     """What an objective may know about where training is."""
@@ -92,6 +117,15 @@ class Step:
 
 
 EpochHook = Callable[[int, nn.Module], Optional[Dict[str, Any]]]
+
+
+@runtime_checkable
+class RestorableHook(Protocol):
+    """An epoch hook with state of its own (early stopping) that a resumed run rebuilds from the history."""
+
+    def __call__(self, epoch: int, model: nn.Module) -> Optional[Dict[str, Any]]: ...
+
+    def restore(self, history: List[Dict[str, Any]]) -> None: ...
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -123,188 +157,10 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
-# -------------------------------------------------------------------------------------------------
-# resume checkpoints: what they record, and everything checked before one is used
-
-_FINGERPRINT: "contextvars.ContextVar[Optional[Dict[str, Any]]]" = contextvars.ContextVar(
-    "bcu_resume_fingerprint", default=None)
-MAX_HISTORY_KEYS = 64
-
-
-@contextlib.contextmanager
-def resume_fingerprint(fingerprint: Dict[str, Any]):
-    """Inside this block every resume checkpoint records ``fingerprint`` (the hashes of the inputs
-    and the full config of the run), and a checkpoint read back must record the same, or
-    :class:`~bcu.errors.ResumeMismatch` names the first difference. The CLI wraps each command."""
-    token = _FINGERPRINT.set(json.loads(json.dumps(fingerprint, default=str)))  # plain JSON values
-    try:
-        yield
-    finally:
-        _FINGERPRINT.reset(token)
-
-
-def _first_difference(saved: Any, now: Any, where: str = "") -> Optional[Tuple[str, Any, Any]]:
-    if isinstance(saved, dict) and isinstance(now, dict):
-        for k in list(now) + [k for k in saved if k not in now]:
-            d = _first_difference(saved.get(k, "<missing>"), now.get(k, "<missing>"), f"{where}{k}.")
-            if d:
-                return d
-        return None
-    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
-        for i, (a, b) in enumerate(zip(saved, now)):
-            d = _first_difference(a, b, f"{where}{i}.")
-            if d:
-                return d
-        return None
-    return None if saved == now and type(saved) is type(now) else (where.rstrip("."), saved, now)
-
-
-def _save_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
-                 history: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
-    from .checkpoint import atomic_write_bytes
-
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "history": history, "extra": extra, "fingerprint": _FINGERPRINT.get()}, buf)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / "state.pt", buf.getvalue())
-
-
-def read_checkpoint(f: Path) -> Optional[Dict[str, Any]]:
-    """A resume checkpoint file as a dict (None when there is none): a regular file of at most
-    :data:`bcu.untrusted.MAX_CHECKPOINT_BYTES`, read with ``weights_only=True``, recording the
-    inputs and settings of this run (see :func:`resume_fingerprint`)."""
-    from .checkpoint import _check_zip_members
-    from .errors import ModelError, ResumeMismatch
-    from .untrusted import MAX_CHECKPOINT_BYTES, read_bounded
-
-    if not os.path.lexists(f):
-        return None
-    raw = read_bounded(f, MAX_CHECKPOINT_BYTES, "resume checkpoints", BcuError)
-    try:
-        _check_zip_members(raw, f)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # a checkpoint cut short by a kill: say so, never guess
-        kind = "ModelError" if isinstance(e, ModelError) else type(e).__name__
-        raise BcuError(f"resume checkpoint {f} is unreadable ({kind}); start again without --resume") from None
-    if not isinstance(obj, dict):
-        raise BcuError(f"resume checkpoint {f} is malformed (not a table of fields); start again without --resume")
-    expected = _FINGERPRINT.get()
-    if expected is not None:
-        saved = obj.get("fingerprint")
-        if not isinstance(saved, dict):
-            raise ResumeMismatch(f"resume checkpoint {f} does not record its inputs and settings (an older bcu?): "
-                                 f"start again without --resume")
-        d = _first_difference(saved, expected)
-        if d:
-            key, was, now = d
-            raise ResumeMismatch(f"resume checkpoint {f} was written for other inputs or settings: {key} is "
-                                 f"{show(was)} there, {show(now)} now; run the command it was started with, or start "
-                                 f"again without --resume")
-    return obj
-
-
-def load_resume(path: Path) -> Optional[Dict[str, Any]]:
-    """The checkpoint in ``path/state.pt`` (see :func:`read_checkpoint`); fields are checked by fit."""
-    return read_checkpoint(path / "state.pt")
-
-
-def _malformed(f: Path, field: str, why: str) -> BcuError:
-    return BcuError(f"resume checkpoint {f} is malformed ({field}: {why}); start again without --resume")
-
-
-def _plain_number(v: Any) -> bool:
-    return isinstance(v, bool) or (isinstance(v, int) and abs(v) < 2 ** 63) or (isinstance(v, float) and math.isfinite(v))
-
-
-def check_state_dict(state: Any, own: Dict[str, torch.Tensor], f: Path, field: str = "model") -> Dict[str, torch.Tensor]:
-    """A saved state dict against the module's own: same keys, shapes, castable dtypes, finite values."""
-    from .checkpoint import SUPPORTED_DTYPES
-
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise _malformed(f, field, "not a table of named tensors")
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise _malformed(f, field, f"it does not match this architecture: {'missing' if missing else 'unexpected'} "
-                                   f"{show((missing or unexpected)[0])} (was the model or its options changed?)")
-    out = {}
-    for k, v in own.items():
-        s = state[k]
-        if s.layout != torch.strided or s.dtype not in SUPPORTED_DTYPES:
-            raise _malformed(f, field, f"{show(k)} has an unsupported dtype {s.dtype}")
-        if tuple(s.shape) != tuple(v.shape):
-            raise _malformed(f, field, f"{show(k)} has shape {tuple(s.shape)}, this architecture expects "
-                                       f"{tuple(v.shape)} (was the model or its options changed?)")
-        c = s.to(v.dtype)
-        if c.is_floating_point() and not torch.isfinite(c).all():
-            raise _malformed(f, field, f"{show(k)} holds NaN or Inf")
-        out[k] = c
-    return out
-
-
-def _restore(state: Dict[str, Any], f: Path, model: nn.Module, opt: torch.optim.Optimizer,
-             optim: "OptimConfig") -> Tuple[int, List[Dict[str, Any]], Dict[str, Any]]:
-    """Check every field of a resume checkpoint, then load it: (first epoch to run, history, extra)."""
-    epoch = state.get("epoch")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < optim.epochs:
-        raise _malformed(f, "epoch", f"expected a finished epoch in [0, {optim.epochs - 1}], got "
-                                     f"{show(epoch)}")
-    history = state.get("history")
-    if not isinstance(history, list) or len(history) != epoch + 1:
-        raise _malformed(f, "history", f"expected one row for each of the {epoch + 1} finished epochs")
-    for i, row in enumerate(history):
-        if not isinstance(row, dict) or len(row) > MAX_HISTORY_KEYS or row.get("epoch") != i + 1 or not all(
-                isinstance(k, str) and len(k) <= 64 and (_plain_number(v) or (isinstance(v, str) and len(v) <= 256))
-                for k, v in row.items()):
-            raise _malformed(f, "history", f"row {i + 1} is not a table of numbers for epoch {i + 1}")
-    extra = state.get("extra", {})
-    if not isinstance(extra, dict) or not isinstance(extra.get("stopped", False), bool):
-        raise _malformed(f, "extra", "expected a table with a true/false 'stopped'")
-    model_state = check_state_dict(state.get("model"), model.state_dict(), f)
-    saved_opt = state.get("optimizer")
-    if not isinstance(saved_opt, dict) or not isinstance(saved_opt.get("state"), dict) or not isinstance(
-            saved_opt.get("param_groups"), list):
-        raise _malformed(f, "optimizer", "not an optimizer state")
-    from .checkpoint import SUPPORTED_DTYPES
-
-    for entry in saved_opt["state"].values():
-        if not isinstance(entry, dict) or not all(
-                not isinstance(v, torch.Tensor) or (v.layout == torch.strided and v.dtype in SUPPORTED_DTYPES)
-                for v in entry.values()):
-            raise _malformed(f, "optimizer", "its state holds something else than tensors of a supported dtype")
-    current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    try:
-        model.load_state_dict(model_state)
-        opt.load_state_dict(saved_opt)
-    except Exception as e:  # group sizes, missing keys, wrong types: torch names it
-        raise _malformed(f, "optimizer", _first_line_of(e)) from None
-    for group, settings in zip(opt.param_groups, current):  # hyper-parameters come from this run's config
-        group.update(settings)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for name, v in opt.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and (tuple(v.shape) != tuple(p.shape) or (
-                        v.is_floating_point() and not torch.isfinite(v).all())):
-                    raise _malformed(f, "optimizer", f"{name} does not match its parameter")
-                if isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point() and not torch.isfinite(v):
-                    raise _malformed(f, "optimizer", f"{name} is not finite")
-    return epoch + 1, list(history), extra
-
-
-def _first_line_of(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
-
-
 def _check_batch_norm(model: nn.Module, shape: Tuple[int, ...], batch: int, dev: torch.device,
                       fmt: torch.memory_format) -> None:
     """A batch of ``batch`` images must give every BatchNorm layer more than one value per channel
     (else training fails inside torch); tried once, in eval mode, on an all-zero batch."""
-    from .errors import ConfigError
-
     norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if batch > 1 or not norms:
         return
@@ -334,32 +190,17 @@ def _chunks(order: torch.Tensor, batch_size: int, drop_last: bool) -> List[torch
     return [order[s:s + batch_size] for s in range(0, stop, batch_size)]
 
 
-def _epoch_batches(data: Any, resident: Optional[ImageSet], chunks: List[torch.Tensor], dev: torch.device,
-                   with_labels: bool) -> Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """(uint8 images on ``dev``, labels or None) for each index chunk, in order."""
-    if resident is not None:
-        images, labels = resident.images, resident.labels
-        for idx in chunks:
-            idx = idx.to(images.device)
-            yield images[idx], (labels[idx] if labels is not None else None)
-        return
-    for x, y in data.iter_batches(chunks, with_labels=with_labels, pin_memory=dev.type == "cuda"):
-        yield x.to(dev, non_blocking=True), (y.to(dev, non_blocking=True) if y is not None else None)
-
-
 def _compiled(model: nn.Module, enabled: bool) -> nn.Module:
     if not enabled:
         return model
     try:
         return torch.compile(model, dynamic=False)  # type: ignore[return-value]
     except Exception as e:  # no compiler toolchain on this machine: run eagerly, say so
-        import warnings
-
         warnings.warn(f"torch.compile unavailable ({type(e).__name__}); running eagerly")
         return model
 
 
-def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *,
+def fit(model: nn.Module, data: Images, objective: Objective, optim: OptimConfig, *,
         augment_cfg: Optional[AugmentConfig] = None, seed: int = 0, device: str = "cpu",
         with_labels: bool = True, params: Optional[Iterable[nn.Parameter]] = None,
         epoch_hook: Optional[EpochHook] = None, resume_dir: Optional[Path] = None,
@@ -367,24 +208,22 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
         progress: Optional[bool] = None, drop_last: bool = True) -> List[Dict[str, Any]]:
     """Train ``model`` in place; returns the per-epoch history.
 
-    ``data`` is an :class:`~bcu.data.ImageSet` (moved to the device once, batches gathered by
-    index) or a :class:`~bcu.stream.StreamingImages` (batches read from disk by DataLoader
-    workers); either way each batch gets the same tensor augmentation from the same per-epoch
-    generator, so both sources give identical batches for the same seed.
+    ``data`` is any :class:`~bcu.data.imageset.Images`: an :class:`~bcu.data.ImageSet` (moved to
+    the device once, batches gathered by index) or a :class:`~bcu.data.StreamingImages` (batches
+    read from disk by DataLoader workers); either way each batch gets the same tensor augmentation
+    from the same per-epoch generator, so both sources give identical batches for the same seed.
     ``with_labels=False`` hands the objective ``y=None`` and never touches ``data.labels``.
-    ``epoch_hook(epoch, model)`` may return metrics to log and ``{"stop": True}`` to end early.
-    With ``resume_dir``, state is saved after every epoch and restored from there when present.
+    ``epoch_hook(epoch, model)`` may return metrics to log and ``{"stop": True}`` to end early; a
+    hook with ``restore(history)`` (:class:`RestorableHook`) replays a resumed run's history.
+    With ``resume_dir``, state is saved after every epoch (the objective's too, when it is a
+    :class:`StatefulObjective`) and restored from there when present.
 
     Under ``torchrun`` (see :mod:`bcu.dist`) the model is wrapped in DistributedDataParallel, each
     rank trains on a disjoint slice of every epoch's permutation with ``batch_size / world`` images
     a step (the global batch stays ``batch_size``), and only rank 0 writes the resume state.
     """
-    from . import dist as bdist
-    from .stream import is_streaming
-
     if len(data) == 0:
         raise DataError("no training images")
-    streaming = is_streaming(data)
     dev = torch.device(bdist.device_for(str(device)))
     distributed = bdist.init(dev)
     rank, world = (bdist.rank(), bdist.world_size()) if distributed else (0, 1)
@@ -396,14 +235,20 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
     opt = optim.build(params)
     history: List[Dict[str, Any]] = []
     start = 0
-    state = load_resume(resume_dir) if (resume_dir is not None and main) else None
+    stateful = isinstance(objective, StatefulObjective)
+    state = resume.load(resume_dir) if (resume_dir is not None and main) else None
     if distributed:
         state = bdist.broadcast_state(state)
     if state is not None:
-        start, history, extra = _restore(state, Path(resume_dir) / "state.pt", model, opt, optim)
+        where = Path(resume_dir) / resume.STATE_FILE
+        start, history, extra = resume.restore(state, where, model, opt, optim.epochs)
+        if stateful:
+            if "objective" not in state:
+                raise resume.malformed(where, "objective", "the training objective's state is missing")
+            objective.load_state_dict(state["objective"], where)
         if extra.get("stopped"):
             start = optim.epochs
-        if hasattr(epoch_hook, "restore"):  # stateful hooks (early stopping) replay the saved history
+        if isinstance(epoch_hook, RestorableHook):  # stateful hooks (early stopping) replay the saved history
             epoch_hook.restore(history)
     if augment_cfg is not None:
         augment_cfg.check_images(data.shape)
@@ -421,11 +266,9 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
     per_rank = len(data) // world if distributed else len(data)
     smallest = min((len(c) for c in _chunks(torch.arange(per_rank), batch_size, drop_last)), default=batch_size)
     _check_batch_norm(model, tuple(data.shape), smallest, dev, fmt)
-    run_model = _compiled(run_model, getattr(optim, "compile", False))
-    resident: Optional[ImageSet] = None
-    if not streaming:
-        labels = data.labels.to(dev) if (with_labels and data.labels is not None) else None
-        resident = ImageSet(data.images.to(dev), labels, None, data.name)  # labels dropped unless asked for
+    run_model = _compiled(run_model, optim.compile)
+    source = data.on(dev, with_labels)  # resident: moved to the device once, labels dropped unless asked for
+    stepping = isinstance(objective, SteppingObjective)
     n = len(data)
     bar = progress_bar(total=optim.epochs, initial=start, desc=desc, unit="ep",
                        disable=(not main) or (None if progress is None else not progress))
@@ -447,7 +290,7 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
             model.train()
             sums: Dict[str, float] = {}
             count = 0
-            for x, y in _epoch_batches(data, resident, _chunks(order, batch_size, drop_last), dev, with_labels):
+            for x, y in source.iter_batches(_chunks(order, batch_size, drop_last), with_labels=with_labels, device=dev):
                 if augment_cfg is not None:  # crop/flip only move pixels: on uint8 it is 4x less memory
                     x = augment(x, augment_cfg, gen)  # traffic and the same values as on floats
                 x = to_float(x).contiguous(memory_format=fmt)
@@ -458,6 +301,8 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if stepping:
+                    objective.after_step()
                 m = x.shape[0]
                 count += m
                 for k, v in metrics.items():
@@ -480,7 +325,8 @@ def fit(model: nn.Module, data: Any, objective: Objective, optim: OptimConfig, *
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("epoch", "seconds", "lr")
                              and isinstance(v, float)})
             if resume_dir is not None and main:
-                _save_resume(resume_dir, model, opt, epoch, history, {"stopped": stopped})
+                resume.save(resume_dir, model, opt, epoch, history, {"stopped": stopped},
+                            objective.state_dict() if stateful else None)
             if stopped:
                 break
     except KeyboardInterrupt:
@@ -507,8 +353,6 @@ def _ordinary_tensors(model: nn.Module) -> None:
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, device: str = "cpu",
             transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Logits for uint8 (or float [0, 1]) images, in eval mode, batched; returned on CPU."""
-    from .data import to_float
-
     dev = torch.device(device)
     was_training = model.training
     model.eval()
@@ -529,18 +373,18 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, devi
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> int:
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 256, device: str = "cpu",
+                          channels_last: Optional[bool] = None) -> int:
     """Re-estimate every BatchNorm's running statistics on ``images`` (uint8 or float [0, 1]) as a
-    cumulative average over one pass in train mode (parameters untouched); returns how many layers."""
-    from .data import to_float
-
+    cumulative average over one pass in train mode (parameters untouched); returns how many layers.
+    ``channels_last`` as in :func:`memory_format_for` (None: where it pays)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
     saved = [m.momentum for m in bns]
     was = model.training
     dev = torch.device(device)
-    fmt = memory_format_for(model, None)
+    fmt = memory_format_for(model, channels_last)
     model.to(dev, memory_format=fmt)
     for m in bns:
         m.reset_running_stats()

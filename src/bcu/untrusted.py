@@ -24,7 +24,7 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO, Type, Union
 
-from .errors import BcuError, DataError
+from .errors import BcuError, ConfigError, DataError, show
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -186,8 +186,6 @@ MAX_PARAMS = 500_000_000           # parameters + buffers of a model bcu builds 
 
 def check_image_shape(shape: Any, where: str) -> tuple:
     """``shape`` as a (C, H, W) tuple of ints within the limits above, else a ConfigError."""
-    from .errors import ConfigError, show
-
     try:
         ok = (isinstance(shape, (tuple, list)) and len(shape) == 3
               and all(isinstance(v, int) and not isinstance(v, bool) for v in shape))

@@ -13,7 +13,8 @@ from .. import seeding
 
 @dataclass
 class BadNetsConfig(AttackConfig):
-    patch_size: int = field(default=3, metadata={"help": "height of the patch in pixels (and its width, unless patch_width)"})
+    patch_size: int = field(default=3, metadata={
+        "help": "height of the patch in pixels (and its width, unless patch_width)"})
     patch_width: Optional[int] = field(default=None, metadata={
         "help": "width of the patch in pixels (default: patch_size, a square; e.g. patch_size 1, patch_width 16 is a "
                 "thin horizontal line)"})
@@ -59,7 +60,7 @@ class BadNets(Attack):
         pattern[:, top:top + p, left:left + q] = patch
         self.buffers = {"mask": mask, "pattern": pattern}
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def trigger(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.buffers["mask"].to(x.device, x.dtype)
         pattern = self.buffers["pattern"].to(x.device, x.dtype)
         return x * (1 - mask) + pattern * mask

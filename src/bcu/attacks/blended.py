@@ -8,9 +8,10 @@ from typing import Literal, Optional
 
 import torch
 
-from ..config import check
-from .base import ATTACKS, Attack, AttackConfig
 from .. import seeding
+from ..config import check
+from ..data.formats import read_image
+from .base import ATTACKS, Attack, AttackConfig
 
 
 @dataclass
@@ -52,8 +53,6 @@ class Blended(Attack):
     def setup(self) -> None:
         c, h, w = self.image_shape
         if self.config.pattern_image:
-            from ..data import read_image
-
             arr = read_image(Path(self.config.pattern_image), c, (h, w))
             pattern = torch.from_numpy(arr).float() / 255
         elif self.config.pattern == "rings":
@@ -61,20 +60,14 @@ class Blended(Attack):
         else:
             pattern = torch.rand(c, h, w, generator=seeding.generator(self.config.seed))
         self.buffers = {"pattern": pattern}
-        self.training_alpha = self.config.alpha
 
     def blend(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
         pattern = self.buffers["pattern"].to(x.device, x.dtype)
         return (1 - alpha) * x + alpha * pattern
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def trigger(self, x: torch.Tensor) -> torch.Tensor:
         return self.blend(x, self.config.test_alpha or self.config.alpha)
 
-    def poison(self, train, model=None):
-        # training images use ``alpha``; ``apply`` (test time) may use ``test_alpha``
-        saved = self.config.test_alpha
-        self.config.test_alpha = None
-        try:
-            return super().poison(train, model)
-        finally:
-            self.config.test_alpha = saved
+    def train_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        """Training images are blended with ``alpha`` (the test-time trigger may use ``test_alpha``)."""
+        return self.blend(x, self.config.alpha)

@@ -7,11 +7,14 @@ phases, as in the paper's code:
 1. **mask pre-training** (``mask_epochs``; paper 25, default 2 here, see the field's help):
    ``M`` alone learns sparse masks (density loss ``lambda_norm * mean(relu(m - mask_density))``)
    that differ between images (diversity loss ``||x1 - x2|| / ||m1 - m2||``), with Adam;
-2. **joint training**: the classifier (SGD, the ``OptimConfig``) and ``G`` (Adam) are trained
-   together through ``bcu.train.fit``; in every batch a fraction ``poison_rate`` gets its own
+2. **joint training**: the classifier (the ``OptimConfig``) and ``G`` (Adam, stepped after each
+   classifier step by the same backward pass) are trained together through ``bcu.train.fit``,
+   ``G`` and its Adam being part of every resume checkpoint; in every batch a fraction ``poison_rate`` gets its own
    trigger and the target label, a fraction ``cross_rate`` gets the trigger of *another* image
    and keeps its label (cross-trigger samples, so a trigger only works on its own image), and
    ``G`` also minimises the diversity loss on its patterns. ``M`` is frozen.
+
+Both phases run through ``bcu.train.fit`` (phase 1 with its resume checkpoint in ``mask/``).
 
 The artifact stores the weights of both networks, so ``load_attack(dir).apply(x)`` regenerates
 the same triggers (both networks run in eval mode: deterministic). The networks follow the
@@ -21,7 +24,6 @@ CIFAR-10 size is ``gen_channels=32, gen_stages=3``.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -30,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check
-from ..data import AugmentConfig, ImageSet, augment, batches
-from ..errors import BcuError, DataError
-from ..train import OptimConfig, Step, epoch_generator, fit
-from .base import ATTACKS, Attack, AttackConfig
 from .. import seeding
+from ..config import check
+from ..data.imageset import ImageSet
+from ..errors import DataError
+from ..resume import check_state_dict, load_optimizer_state, malformed
+from ..train import Objective, OptimConfig, Step
+from .base import ATTACKS, Attack, AttackConfig, Training
 
 EPS = 1e-7  # the paper's EPSILON
 
@@ -134,6 +137,7 @@ class InputAware(Attack):
     """Input-aware dynamic: a generator network makes a per-image trigger, a mask network places it."""
 
     kind = "dirty-label"
+    poisoning = "per-batch"
     Config = InputAwareConfig
     config: InputAwareConfig
 
@@ -167,11 +171,6 @@ class InputAware(Attack):
         self.mask_net.eval()
 
     # -- the trigger ------------------------------------------------------------------------------
-    def _check(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[1:]) != self.image_shape:
-            raise DataError(f"inputaware: images are {tuple(x.shape[1:])}, the generators were built for "
-                            f"{self.image_shape}")
-
     def patterns_and_masks(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.generator(x), threshold(self.mask_net(x))
 
@@ -180,9 +179,8 @@ class InputAware(Attack):
         return x + (pattern - x) * mask
 
     @torch.no_grad()
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def trigger(self, x: torch.Tensor) -> torch.Tensor:
         """Each image with its own trigger (both networks in eval mode: deterministic)."""
-        self._check(x)
         self.generator.to(x.device).eval()
         self.mask_net.to(x.device).eval()
         dtype = x.dtype
@@ -190,58 +188,51 @@ class InputAware(Attack):
         return self.paste(x.float(), p, m).clamp(0, 1).to(dtype)
 
     # -- training ---------------------------------------------------------------------------------
-    def _mask_objective(self, x: torch.Tensor, x2: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
-        m1 = threshold(self.mask_net(x))
-        m2 = threshold(self.mask_net(x2))
+    def _mask_objective(self, net: nn.Module, x: torch.Tensor, x2: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        m1 = threshold(net(x))
+        m2 = threshold(net(x2))
         loss_norm = F.relu(m1 - self.config.mask_density).mean()
         loss_div = (_distance(x, x2) / (_distance(m1, m2) + EPS)).mean()
         loss = self.config.lambda_norm * loss_norm + self.config.lambda_div * loss_div
         return loss, {"mask_loss": float(loss.detach()), "mask_norm": float(loss_norm.detach()),
                       "mask_div": float(loss_div.detach()), "mask_density": float(m1.detach().mean())}
 
-    def pretrain_mask(self, train: ImageSet, optim: OptimConfig, augment_cfg: Optional[AugmentConfig], seed: int,
-                      device: str, progress: Optional[bool] = None) -> List[Dict[str, Any]]:
+    def pretrain(self, train: ImageSet, optim: OptimConfig, run: Training) -> List[Dict[str, Any]]:
         """Phase 1: the mask network alone, Adam(lr_m, betas 0.5/0.9), lr x0.1 at 40% and 80%."""
-        from ..progress import progress_bar
+        if self.config.mask_epochs == 0:
+            return []
+        mask_optim = OptimConfig(epochs=self.config.mask_epochs, batch_size=optim.batch_size, optimizer="adam",
+                                 lr=self.config.lr_m, betas=(0.5, 0.9), weight_decay=0.0, schedule="step",
+                                 milestones=(0.4, 0.8), gamma=0.1)
 
-        dev = torch.device(device)
-        net = self.mask_net.to(dev).train()
-        opt = torch.optim.Adam(net.parameters(), lr=self.config.lr_m, betas=(0.5, 0.9))
-        data = ImageSet(train.images.to(dev), None, None, train.name)
-        history: List[Dict[str, Any]] = []
-        epochs = self.config.mask_epochs
-        bar = progress_bar(total=epochs, desc="inputaware masks", unit="ep",
-                           disable=None if progress is None else not progress)
+        def objective(net: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], step: Step):
+            return self._mask_objective(net, x, x[partners(x.shape[0], step.generator).to(x.device)])
+
+        return run.fit(self.mask_net, train, objective, mask_optim, desc="inputaware masks", phase="mask",
+                       seed=run.seed + 101, with_labels=False, channels_last=False,
+                       epoch_hook=lambda epoch, net: {"phase": "mask"})
+
+    def batch_objective(self, optim: OptimConfig, run: Training) -> Objective:
+        """Phase 2: the mask network frozen, the generator trained with the classifier."""
+        dev = torch.device(run.device)
+        self.mask_net.to(dev).eval()
+        for p in self.mask_net.parameters():
+            p.requires_grad_(False)
+        self.generator.to(dev).train()
+        return JointObjective(self, optim.epochs)
+
+    def train(self, model: nn.Module, train: ImageSet, optim: OptimConfig, **kw: Any) -> List[Dict[str, Any]]:
+        """Phase 1 (mask pre-training), then phase 2 (classifier + generator), both through ``fit``."""
         try:
-            for epoch in range(epochs):
-                lr = self.config.lr_m * 0.1 ** sum(epoch >= f * epochs for f in (0.4, 0.8))
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                gen = epoch_generator(seed + 101, epoch)
-                sums: Dict[str, float] = {}
-                count = 0
-                for x, _ in batches(data, optim.batch_size, shuffle=True, generator=gen, device=dev,
-                                    drop_last=len(data) > optim.batch_size, with_labels=False):
-                    if augment_cfg is not None:
-                        x = augment(x, augment_cfg, gen)
-                    x2 = x[partners(x.shape[0], gen).to(dev)]
-                    loss, metrics = self._mask_objective(x, x2)
-                    if not torch.isfinite(loss):
-                        raise BcuError(f"inputaware mask pre-training: loss became {float(loss)} at epoch "
-                                       f"{epoch + 1}; lower lr_m")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    count += x.shape[0]
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + v * x.shape[0]
-                history.append({"phase": "mask", "epoch": epoch + 1, "lr": lr,
-                                **{k: v / max(count, 1) for k, v in sums.items()}})
-                bar.update(1)
+            return super().train(model, train, optim, **kw)
         finally:
-            bar.close()
-        net.eval()
-        return history
+            for p in self.mask_net.parameters():
+                p.requires_grad_(True)
+            self.generator.eval()
+            self.mask_net.eval()
+            self.generator.cpu()
+            self.mask_net.cpu()
+            self._sync_buffers()
 
     def poison_batch(self, x: torch.Tensor, y: torch.Tensor,
                      generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -273,109 +264,53 @@ class InputAware(Attack):
             div = x.new_zeros(())
         return torch.cat(parts), labels, div, num_bd
 
-    def train(self, model: nn.Module, train: ImageSet, optim: OptimConfig, *, augment_cfg: Optional[AugmentConfig],
-              seed: int = 0, device: str = "cpu", resume_dir: Optional[Path] = None,
-              progress: Optional[bool] = None) -> List[Dict[str, Any]]:
-        """Phase 1 (mask pre-training), then phase 2 (classifier + generator) through ``fit``."""
-        if train.labels is None:
-            raise DataError("inputaware: poisoning needs a labelled training set")
-        check(self.config.poison_rate == 0 or int(optim.batch_size * self.config.poison_rate) >= 1,
-              f"inputaware: poison_rate {self.config.poison_rate} leaves no backdoor sample in a batch of "
-              f"{optim.batch_size}")
-        dev = torch.device(device)
-        state_file = None if resume_dir is None else Path(resume_dir) / "inputaware.pt"
-        saved = self._load_resume(state_file)
-        history: List[Dict[str, Any]] = []
-        if saved is None:
-            history = self.pretrain_mask(train, optim, augment_cfg, seed, device, progress)
-        else:
-            from ..train import check_state_dict
 
-            self.mask_net.load_state_dict(check_state_dict(saved.get("mask"), self.mask_net.state_dict(), state_file,
-                                                           "mask"))
-            self.generator.load_state_dict(check_state_dict(saved.get("generator"), self.generator.state_dict(),
-                                                            state_file, "generator"))
-        self.mask_net.to(dev).eval()
-        for p in self.mask_net.parameters():
-            p.requires_grad_(False)
-        self.generator.to(dev).train()
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.config.lr_g, betas=(0.5, 0.9))
-        if saved is not None and saved.get("opt_g"):
-            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt_g.param_groups]
-            try:
-                opt_g.load_state_dict(saved["opt_g"])
-            except Exception as e:
-                raise BcuError(f"resume state {state_file} is malformed (opt_g: {str(e)[:200]}); start again "
-                               f"without --resume") from None
-            for group, kept in zip(opt_g.param_groups, settings):  # hyper-parameters come from this run
-                group.update(kept)
-        elif saved is None:
-            self._save_resume(state_file, opt_g)  # phase 1 done: a resumed run skips it
-        epochs = optim.epochs
+class JointObjective:
+    """Phase 2 of input-aware training: cross-entropy on each batch poisoned by
+    :meth:`InputAware.poison_batch` plus the generator's diversity loss. The generator has an Adam
+    of its own (the paper's betas 0.5/0.9, lr ``lr_g`` with the paper's milestones 200/300/400/500 of
+    600 epochs, scaled), stepped after each classifier step from the same backward pass; both are
+    part of every resume checkpoint (:class:`bcu.train.StatefulObjective`)."""
 
-        def g_lr(epoch: int) -> float:  # the paper's G milestones 200/300/400/500 of 600 epochs, scaled
-            return self.config.lr_g * 0.1 ** sum(epoch >= f * epochs for f in (1 / 3, 1 / 2, 2 / 3, 5 / 6))
+    def __init__(self, attack: InputAware, epochs: int) -> None:
+        self.attack = attack
+        self.epochs = epochs
+        self.opt = torch.optim.Adam(attack.generator.parameters(), lr=attack.config.lr_g, betas=(0.5, 0.9))
 
-        def flush_g() -> None:
-            if any(p.grad is not None for p in self.generator.parameters()):
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
+    def lr_at(self, epoch: int) -> float:
+        return self.attack.config.lr_g * 0.1 ** sum(epoch >= f * self.epochs for f in (1 / 3, 1 / 2, 2 / 3, 5 / 6))
 
-        def objective(net: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor],
-                      step: Step) -> Tuple[torch.Tensor, Dict[str, float]]:
-            if y is None:
-                raise DataError("inputaware training needs labels")
-            flush_g()  # the generator's Adam step for the previous batch's backward pass
-            for group in opt_g.param_groups:
-                group["lr"] = g_lr(step.epoch)
-            self.generator.train()
-            xb, yb, div, num_bd = self.poison_batch(x, y, step.generator)
-            logits = net(xb.contiguous(memory_format=torch.channels_last))
-            ce = F.cross_entropy(logits, yb)
-            loss = ce + self.config.lambda_div * div
-            pred = logits.detach().argmax(1)
-            metrics = {"loss": float(ce.detach()), "div": float(div.detach()),
-                       "acc": float((pred[num_bd:] == yb[num_bd:]).float().mean()) * 100}
-            if num_bd:
-                metrics["asr"] = float((pred[:num_bd] == yb[:num_bd]).float().mean()) * 100
-            return loss, metrics
+    def __call__(self, net: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor],
+                 step: Step) -> Tuple[torch.Tensor, Dict[str, float]]:
+        if y is None:
+            raise DataError("inputaware training needs labels")
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(step.epoch)
+        a = self.attack
+        a.generator.train()
+        xb, yb, div, num_bd = a.poison_batch(x, y, step.generator)
+        logits = net(xb.contiguous(memory_format=torch.channels_last))
+        ce = F.cross_entropy(logits, yb)
+        loss = ce + a.config.lambda_div * div
+        pred = logits.detach().argmax(1)
+        metrics = {"loss": float(ce.detach()), "div": float(div.detach()),
+                   "acc": float((pred[num_bd:] == yb[num_bd:]).float().mean()) * 100}
+        if num_bd:
+            metrics["asr"] = float((pred[:num_bd] == yb[:num_bd]).float().mean()) * 100
+        return loss, metrics
 
-        def epoch_hook(epoch: int, net: nn.Module) -> Dict[str, Any]:
-            flush_g()
-            self._save_resume(state_file, opt_g)
-            return {}
+    def after_step(self) -> None:
+        """The generator's Adam step for the batch just back-propagated."""
+        if any(p.grad is not None for p in self.attack.generator.parameters()):
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
 
-        try:
-            history += fit(model, train, objective, optim, augment_cfg=augment_cfg, seed=seed, device=device,
-                           resume_dir=resume_dir, epoch_hook=epoch_hook, desc=f"attack {self.name}",
-                           progress=progress)
-        finally:
-            for p in self.mask_net.parameters():
-                p.requires_grad_(True)
-            self.generator.eval()
-            self.mask_net.eval()
-            self.generator.cpu()
-            self.mask_net.cpu()
-            self._sync_buffers()
-        return history
+    def state_dict(self) -> Dict[str, Any]:
+        return {"generator": self.attack.generator.state_dict(), "opt_g": self.opt.state_dict()}
 
-    def _save_resume(self, path: Optional[Path], opt_g: torch.optim.Optimizer) -> None:
-        if path is None:
-            return
-        from ..checkpoint import atomic_write_bytes
-
-        buf = io.BytesIO()
-        from ..train import _FINGERPRINT
-
-        torch.save({"mask": self.mask_net.state_dict(), "generator": self.generator.state_dict(),
-                    "opt_g": opt_g.state_dict(), "fingerprint": _FINGERPRINT.get()}, buf)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buf.getvalue())
-
-    @staticmethod
-    def _load_resume(path: Optional[Path]) -> Optional[Dict[str, Any]]:
-        if path is None:
-            return None
-        from ..train import read_checkpoint
-
-        return read_checkpoint(path)
+    def load_state_dict(self, state: Any, where: Path) -> None:
+        if not isinstance(state, dict):
+            raise malformed(where, "objective", "not a table of fields")
+        gen = self.attack.generator
+        gen.load_state_dict(check_state_dict(state.get("generator"), gen.state_dict(), where, "objective.generator"))
+        load_optimizer_state(self.opt, state.get("opt_g"), where, "objective.opt_g")

@@ -8,28 +8,30 @@ stamped with a 3x3 black/white checkerboard in all four corners (the paper's fli
 never changed. At test time the full-amplitude trigger is stamped on non-target images.
 
 The perturbation needs a clean model. Turner et al. used a (adversarially trained) pre-trained
-model; here ``poison(train, model)`` takes one, and ``train()`` first trains a clean *surrogate*
-of the same architecture on the same (unpoisoned) training set for ``surrogate_epochs`` epochs
-when none is given, by plain cross-entropy or (``surrogate="adversarial"``) by Madry et al.'s
-PGD adversarial training.
+model; here ``poison(train, model)`` takes one (and runs PGD on the model's device), and
+``train()`` first trains a clean *surrogate* of the same architecture on the same (unpoisoned)
+training set for ``surrogate_epochs`` epochs (:meth:`LabelConsistent.clean_model`), by plain
+cross-entropy or (``surrogate="adversarial"``) by Madry et al.'s PGD adversarial training.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check
-from ..data import AugmentConfig, ImageSet, to_float
-from ..errors import DataError
-from ..train import OptimConfig, Step, cross_entropy_objective, fit
-from .base import ATTACKS, Attack, AttackConfig, clean_label_poison_rate, quantize
 from .. import seeding
+from ..config import check
+from ..data.augment import AugmentConfig
+from ..data.imageset import ImageSet, pixel_stats, to_float
+from ..errors import DataError
+from ..models import Classifier, build, create_model
+from ..train import OptimConfig, Step, cross_entropy_objective, fit
+from .base import ATTACKS, Attack, AttackConfig, Training, clean_label_poison_rate, quantize
 
 # Turner et al.'s corner pattern (1 = white, 0 = black) for the left-hand corners.
 LEFT_CORNER = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
@@ -186,12 +188,10 @@ class LabelConsistent(Attack):
         """Push trigger pixels towards white/black by ``amplitude`` (1: overwrite), clipped to [0, 1]."""
         mask = self.buffers["mask"].to(x.device, x.dtype)
         pattern = self.buffers["pattern"].to(x.device, x.dtype)
-        if tuple(x.shape[1:]) != tuple(pattern.shape):
-            raise DataError(f"lc: images are {tuple(x.shape[1:])}, the trigger was built for {tuple(pattern.shape)}")
         pushed = (x + amplitude * (2 * pattern - 1)).clamp(0, 1)
         return x * (1 - mask) + pushed * mask
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def trigger(self, x: torch.Tensor) -> torch.Tensor:
         return self.stamp(x, self.config.test_amplitude)
 
     # -- poisoning --------------------------------------------------------------------------------
@@ -219,14 +219,16 @@ class LabelConsistent(Attack):
             model.train(was_training)
         return torch.cat(out) if out else x[:0]
 
-    def poison(self, train: ImageSet, model: Optional[nn.Module] = None, device: str = "cpu"):
-        """Harden then stamp the chosen target-class images; ``model`` is the clean model for PGD
-        (when omitted, a cnn-small surrogate is trained on ``train`` for ``surrogate_epochs`` or 5)."""
+    def poison(self, train: ImageSet, model: Optional[nn.Module] = None):
+        """Harden then stamp the chosen target-class images; ``model`` is the clean model for PGD, which
+        runs on its device (when omitted, a cnn-small surrogate is trained on ``train`` on the CPU for
+        ``surrogate_epochs`` or 5 epochs)."""
         if model is None:
-            model = self.default_surrogate(train, device=device)
+            model = self.default_surrogate(train)
         idx = self.poison_indices(train)
         images = train.images.clone()
         if len(idx):
+            device = next(model.parameters()).device
             hard = self.harden(model, to_float(train.images[idx]), train.labels[idx], device=device)
             images[idx] = quantize(self.stamp(hard, self.config.amplitude))
         return ImageSet(images, train.labels.clone(), train.classes, f"{train.name}+{self.name}"), idx
@@ -237,12 +239,7 @@ class LabelConsistent(Attack):
         return AdversarialTraining(self.config.surrogate_epsilon / 255, self.config.surrogate_pgd_steps)
 
     def default_surrogate(self, train: ImageSet, device: str = "cpu", progress: Optional[bool] = None) -> nn.Module:
-        from ..models import create_model
-
-        pix = to_float(train.images)
-        mean = tuple(float(v) for v in pix.mean((0, 2, 3)))
-        std = tuple(float(v) for v in pix.std((0, 2, 3)).clamp_min(1e-3))
-        del pix
+        mean, std = pixel_stats(train.images)
         with torch.random.fork_rng(devices=[]):
             seeding.manual_seed(self.config.seed)
             model = create_model("cnn-small", self.num_classes, train.shape, mean=mean, std=std)
@@ -251,21 +248,13 @@ class LabelConsistent(Attack):
             device=device, desc="lc surrogate", progress=progress)
         return model
 
-    def train(self, model: nn.Module, train: ImageSet, optim: OptimConfig, *, augment_cfg: Optional[AugmentConfig],
-              seed: int = 0, device: str = "cpu", resume_dir: Optional[Path] = None,
-              progress: Optional[bool] = None) -> List[Dict[str, Any]]:
-        """Fit a clean surrogate (same architecture, fresh weights), poison with it, then train ``model``."""
-        from ..models import Classifier, build
-
+    def clean_model(self, model: nn.Module, train: ImageSet, optim: OptimConfig, run: Training) -> nn.Module:
+        """A clean surrogate (same architecture, fresh weights) fitted on the unpoisoned set for
+        ``surrogate_epochs`` (default: the attack's own epochs); PGD then runs against it."""
         with torch.random.fork_rng(devices=[]):
-            seeding.manual_seed(seed + 7)
+            seeding.manual_seed(run.seed + 7)
             surrogate = build(model.spec) if isinstance(model, Classifier) else copy.deepcopy(model)
-        s_optim = copy.copy(optim)
-        s_optim.epochs = self.config.surrogate_epochs or optim.epochs
-        fit(surrogate, train, self.surrogate_objective(), s_optim, augment_cfg=augment_cfg, seed=seed + 7,
-            device=device, resume_dir=None if resume_dir is None else Path(resume_dir) / "surrogate",
-            desc="lc surrogate", progress=progress)
-        poisoned, _ = self.poison(train, surrogate, device=device)
-        del surrogate
-        return fit(model, poisoned, cross_entropy_objective, optim, augment_cfg=augment_cfg, seed=seed,
-                   device=device, resume_dir=resume_dir, desc=f"attack {self.name}", progress=progress)
+        s_optim = dataclasses.replace(optim, epochs=self.config.surrogate_epochs or optim.epochs)
+        run.fit(surrogate, train, self.surrogate_objective(), s_optim, desc="lc surrogate", phase="surrogate",
+                seed=run.seed + 7)
+        return surrogate

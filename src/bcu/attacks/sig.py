@@ -64,22 +64,13 @@ class SIG(Attack):
 
     def _add(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         signal = self.buffers["signal"].to(x.device, x.dtype)
-        if tuple(x.shape[1:]) != tuple(signal.shape):
-            from ..errors import DataError
-
-            raise DataError(f"sig: images are {tuple(x.shape[1:])}, the trigger was built for {tuple(signal.shape)}")
         return (x + scale * signal).clamp(0, 1)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def trigger(self, x: torch.Tensor) -> torch.Tensor:
         """Test-time trigger (amplitude ``test_delta`` if set, else ``delta``)."""
         scale = 1.0 if self.config.test_delta is None else self.config.test_delta / self.config.delta
         return self._add(x, scale)
 
-    def poison(self, train, model=None):
-        # training images always carry the training amplitude ``delta``
-        saved = self.config.test_delta
-        self.config.test_delta = None
-        try:
-            return super().poison(train, model)
-        finally:
-            self.config.test_delta = saved
+    def train_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        """Training images always carry the training amplitude ``delta``."""
+        return self._add(x, 1.0)

@@ -11,19 +11,18 @@ warp rather than any warp. The warp grid is saved in the artifact.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check
-from ..data import AugmentConfig, ImageSet, identity_grid, smooth_field
-from ..errors import DataError
-from ..train import OptimConfig, Step, fit
-from .base import ATTACKS, Attack, AttackConfig
 from .. import seeding
+from ..config import check
+from ..data.augment import identity_grid, smooth_field
+from ..errors import DataError
+from ..train import Objective, OptimConfig, Step
+from .base import ATTACKS, Attack, AttackConfig, Training
 
 
 @dataclass
@@ -50,6 +49,7 @@ class WaNet(Attack):
     """WaNet: a fixed smooth warp (k x k control grid, bicubic upsampling) applied with grid_sample."""
 
     kind = "dirty-label"
+    poisoning = "per-batch"
     Config = WaNetConfig
     config: WaNetConfig
 
@@ -69,23 +69,18 @@ class WaNet(Attack):
         grid = (identity_grid(h, w) + self.config.s * noise_grid * self._scale()) * self.config.grid_rescale
         return grid.clamp(-1, 1).contiguous()
 
-    def _check(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[1:]) != self.image_shape:
-            raise DataError(f"wanet: images are {tuple(x.shape[1:])}, the warp was built for {self.image_shape}")
-
     def warp(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         grid = grid.to(x.device, x.dtype)
         if grid.shape[0] != x.shape[0]:
             grid = grid.expand(x.shape[0], -1, -1, -1)
         return F.grid_sample(x, grid, align_corners=True).clamp(0, 1)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
+    def trigger(self, x: torch.Tensor) -> torch.Tensor:
         return self.warp(x, self.buffers["grid"])
 
     def cross(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Noise mode: warp with the backdoor grid plus uniform noise of one pixel (labels kept)."""
-        self._check(x)
+        self.check_shape(x.shape[1:])
         _, h, w = self.image_shape
         noise = (torch.rand(x.shape[0], h, w, 2, generator=generator) * 2 - 1).to(x.device, x.dtype)
         grid = self.buffers["grid"].to(x.device, x.dtype) + noise * self._scale(x.device, x.dtype)
@@ -123,14 +118,6 @@ class WaNet(Attack):
             metrics["asr"] = float((pred[:num_bd] == yb[:num_bd]).float().mean()) * 100
         return loss, metrics
 
-    def train(self, model: nn.Module, train: ImageSet, optim: OptimConfig, *, augment_cfg: Optional[AugmentConfig],
-              seed: int = 0, device: str = "cpu", resume_dir: Optional[Path] = None,
-              progress: Optional[bool] = None) -> List[Dict[str, Any]]:
-        """Train on clean data, poisoning every (shuffled, augmented) batch as in the paper."""
-        if train.labels is None:
-            raise DataError("wanet: poisoning needs a labelled training set")
-        check(self.config.poison_rate == 0 or int(optim.batch_size * self.config.poison_rate) >= 1,
-              f"wanet: poison_rate {self.config.poison_rate} leaves no backdoor sample in a batch of "
-              f"{optim.batch_size}")
-        return fit(model, train, self.objective, optim, augment_cfg=augment_cfg, seed=seed, device=device,
-                   resume_dir=resume_dir, desc=f"attack {self.name}", progress=progress)
+    def batch_objective(self, optim: OptimConfig, run: Training) -> Objective:
+        """Cross-entropy on every (shuffled, augmented) batch poisoned by :meth:`poison_batch`."""
+        return self.objective

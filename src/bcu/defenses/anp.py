@@ -8,7 +8,7 @@ the classification loss (lr eps / steps, then clipping), then updates the masks 
 ``alpha * L_nat + (1 - alpha) * L_perturbed`` by SGD and clips them to [0, 1]. Neurons whose
 mask ends below ``threshold`` are pruned by zeroing their normalisation weight, in a copy of the
 original model (as the authors' prune script does). Convolutions with no normalisation layer
-after them (found by tracing, see :func:`bcu.defenses.clp.pair_conv_norm`) get per-output-channel
+after them (found by tracing, see :func:`bcu.defenses.tracing.pair_conv_norm`) get per-output-channel
 masks on the conv weight instead.
 
 The threshold is a config value (default 0.2, the paper's); it is never chosen with test ASR.
@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..config import check, to_dict
+from ..config import check
 from ..errors import ModelError
 from ..train import OptimConfig, Step, fit
-from .base import DEFENSES, Defense, DefenseResult
-from .clp import pair_conv_norm
-from .ft import input_shape_of, require_labels
-from .reinit import is_norm
+from .base import DEFENSES, Defense, DefenseResult, Run
+from .tracing import input_shape_of, is_norm, pair_conv_norm
 
 
 @dataclass
@@ -153,11 +150,10 @@ class ANP(Defense):
     Config = ANPConfig
     uses_labels = True
 
-    def run(self, model, data, *, device="cpu", seed=0, progress=None, resume_dir=None) -> DefenseResult:
+    def repair(self, model, data, run: Run) -> DefenseResult:
         cfg = self.config
-        data = require_labels(data, self.name)
-        t0 = time.time()
-        work = copy.deepcopy(model).to(device)
+        device = run.device
+        work = copy.deepcopy(model)  # carries the masks while they are learned; ``model`` is then pruned
         for p in work.parameters():
             p.requires_grad_(False)
         targets = find_targets(work, input_shape_of(work, data))
@@ -168,10 +164,11 @@ class ANP(Defense):
         steps_per_epoch = max(1, len(data) // bs)
         optim = OptimConfig(epochs=math.ceil(cfg.iterations / steps_per_epoch), batch_size=bs, lr=cfg.mask_lr,
                             momentum=0.9, weight_decay=0.0, schedule="constant")
-        history = fit(pm, data, ANPObjective(cfg), optim, augment_cfg=None, seed=seed, device=device,
-                      with_labels=True, params=list(pm.masks), resume_dir=resume_dir, desc="anp", progress=progress)
+        history = fit(pm, data, ANPObjective(cfg), optim, augment_cfg=None, seed=run.seed, device=device,
+                      with_labels=True, params=list(pm.masks), resume_dir=run.resume_dir, desc="anp",
+                      progress=run.progress)
         masks = [m.detach().clamp(0, 1).cpu() for m in pm.masks]
-        out = copy.deepcopy(model).to(device).eval()
+        out = model.eval()
         modules = dict(out.named_modules())
         layers = []
         total = 0
@@ -183,7 +180,6 @@ class ANP(Defense):
                 total += len(idx)
                 layers.append({"layer": t.name, "kind": t.kind, "channels": t.channels, "pruned": idx.tolist(),
                                "mask_min": float(m.min()), "mask_mean": float(m.mean())})
-        info = {"config": to_dict(cfg), "pruned_neurons": total, "neurons": sum(t.channels for t in targets),
-                "masks": {t.name: m.tolist() for t, m in zip(targets, masks)}, "layers": layers,
-                "seconds": time.time() - t0}
+        info = {"pruned_neurons": total, "neurons": sum(t.channels for t in targets),
+                "masks": {t.name: m.tolist() for t, m in zip(targets, masks)}, "layers": layers}
         return DefenseResult(out, history, info)

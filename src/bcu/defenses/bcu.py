@@ -19,13 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check, deep_merge, from_dict, to_dict
-from ..data import AugmentConfig, ImageSet, mixup, noise_blend, random_warp, to_float
+from ..config import check, deep_merge, from_dict
+from ..data.augment import AugmentConfig, mixup, noise_blend, random_warp
+from ..data.imageset import ImageSet, Images
 from ..errors import ConfigError, DataError, show
+from ..resume import malformed
 from ..train import OptimConfig, Step, fit, memory_format_for, predict, recalibrate_batchnorm
 from .adversary import AdversaryConfig, Bank
-from .base import DEFENSES, Defense, DefenseResult
+from .base import DEFENSES, Defense, DefenseResult, Run
 from .reinit import ReinitConfig, reinitialize
+from .tracing import input_shape_of
 from .. import seeding
 
 
@@ -184,6 +187,22 @@ class DistillObjective:
         agree = (s_logits.argmax(1) == t_logits.argmax(1)).float().mean()
         return loss, {"loss": float(loss.detach()), "agree": float(agree) * 100, "T": T}
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The adversary's bank (resumed with the run; empty without one)."""
+        return {} if self.bank is None else {"bank": self.bank.state_dict()}
+
+    def load_state_dict(self, state: Any, where: Path) -> None:
+        if self.bank is None:
+            return
+        bank = state.get("bank") if isinstance(state, dict) else None
+        if not isinstance(bank, dict) or not all(isinstance(v, torch.Tensor) and v.is_floating_point()
+                                                 and bool(torch.isfinite(v).all()) for v in bank.values()):
+            raise malformed(where, "objective.bank", "not a table of finite tensors")
+        try:
+            self.bank.load_state_dict(bank)
+        except ValueError as e:
+            raise malformed(where, "objective.bank", str(e)) from None
+
 
 class Monitor:
     """Per-epoch label-free signals on a fixed slice of unlabeled images, and the stopping rule."""
@@ -234,7 +253,7 @@ def as_unlabeled(data: Any, name: str = "unlabeled") -> ImageSet:
     """
     if isinstance(data, ImageSet):
         return ImageSet(data.images, None, None, data.name)
-    if getattr(data, "streaming", False):  # bcu.stream.StreamingImages: stays on disk, labels dropped
+    if isinstance(data, Images):  # bcu.data.StreamingImages: stays on disk, labels dropped
         return data.without_labels()
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
@@ -260,16 +279,6 @@ def as_unlabeled(data: Any, name: str = "unlabeled") -> ImageSet:
             raise DataError("float images must be finite and in [0, 1]")
         x = (x * 255).round().to(torch.uint8)
     return ImageSet(x.contiguous(), None, None, name)
-
-
-def input_shape_of(model: nn.Module, data: ImageSet) -> Tuple[int, int, int]:
-    spec = getattr(model, "spec", None)
-    if spec is not None and tuple(spec.input_shape) != data.shape:
-        c, h, w = spec.input_shape
-        dc, dh, dw = data.shape
-        what = "channels" if c != dc else "size"
-        raise DataError(f"images are {dc}x{dh}x{dw} (CxHxW) but the model expects {c}x{h}x{w}: wrong {what}")
-    return data.shape
 
 
 class Cleanser:
@@ -311,7 +320,7 @@ class Cleanser:
             clean = train.images[torch.arange(min(len(train), 10_000))]  # at most 10,000: statistics converge
             recalibrate_batchnorm(student, clean, cfg.optim.batch_size, device)
         student.eval()
-        info = {"layers": [l.as_dict() for l in layers], "config": to_dict(cfg),
+        info = {"layers": [l.as_dict() for l in layers], "config": dataclasses.asdict(cfg),
                 "epochs_run": len(history), "stopped_early": len(history) < cfg.optim.epochs and distill,
                 "unlabeled_images": len(data), "training_images": len(train), "monitor_images": int(n_mon),
                 "seconds": time.time() - t0}
@@ -353,14 +362,14 @@ class BCU(Defense):
             raise ConfigError(f"preset must be a name ({', '.join(PRESETS)}), got {type(name).__name__}")
         return preset(name, options)
 
-    def run(self, model, data, *, device="cpu", seed=0, progress=None, resume_dir=None) -> DefenseResult:
-        """``seed`` (a benchmark cell's seed) offsets the config's seeds, so that seed 0 runs the config
+    def repair(self, model, data, run: Run) -> DefenseResult:
+        """``run.seed`` (a benchmark cell's seed) offsets the config's seeds, so that seed 0 runs the config
         as written and other seeds draw other masks, shuffles and augmentations."""
         cfg = self.config
-        if seed:
-            cfg = dataclasses.replace(cfg, seed=cfg.seed + seed,
-                                      reinit=dataclasses.replace(cfg.reinit, seed=cfg.reinit.seed + seed))
-        return Cleanser(cfg).run(model, data, device=device, progress=progress, resume_dir=resume_dir,
+        if run.seed:
+            cfg = dataclasses.replace(cfg, seed=cfg.seed + run.seed,
+                                      reinit=dataclasses.replace(cfg.reinit, seed=cfg.reinit.seed + run.seed))
+        return Cleanser(cfg).run(model, data, device=run.device, progress=run.progress, resume_dir=run.resume_dir,
                                  reinit=self.reinit, distill=self.distill)
 
 

@@ -8,73 +8,21 @@ kernel reshaped to (in_channels, kh*kw). Within each layer, channels with
 ``UCLC > mean + u * std`` are pruned by zeroing the normalisation layer's weight and bias for that
 channel (as in the authors' code). No image is used.
 
-Conv -> norm pairs are found by tracing one forward pass on zeros: a normalisation layer is paired
-with the convolution whose output tensor *is* its input (tensor identity in execution order) and
-whose channel count matches -- never by module names.
+Conv -> norm pairs are found by tracing one forward pass on zeros
+(:func:`bcu.defenses.tracing.pair_conv_norm`): never by module names.
 """
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..config import check, to_dict
+from ..config import check
 from ..errors import ModelError
-from .base import DEFENSES, Defense, DefenseResult
-from .ft import input_shape_of
-from .reinit import dry_run, is_norm
-
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@dataclass
-class ConvPair:
-    """A convolution and the normalisation layer consuming its output (``norm`` None if none)."""
-
-    conv: str
-    norm: Optional[str]
-    channels: int
-    order: int
-    out_shape: Tuple[int, ...]
-
-
-def pair_conv_norm(model: nn.Module, input_shape: Sequence[int]) -> List[ConvPair]:
-    """All convolutions in execution order, each with the norm layer that consumes its output."""
-    modules = dict(model.named_modules())
-    conv_out: Dict[int, Tuple[str, torch.Tensor]] = {}
-    pairs: Dict[str, ConvPair] = {}
-    hooks = []
-
-    def conv_hook(name):
-        def hook(mod, _inp, out):
-            if isinstance(out, torch.Tensor) and name not in pairs:
-                conv_out[id(out)] = (name, out)  # keep the tensor alive so its id stays unique
-                pairs[name] = ConvPair(name, None, int(mod.out_channels), len(pairs), tuple(out.shape))
-        return hook
-
-    def norm_pre_hook(name):
-        def hook(mod, inp):
-            x = inp[0] if inp else None
-            if isinstance(x, torch.Tensor) and id(x) in conv_out:
-                cname, t = conv_out[id(x)]
-                if t is x and pairs[cname].norm is None:
-                    w = getattr(mod, "weight", None)
-                    if w is None or (w.dim() == 1 and w.numel() == pairs[cname].channels):
-                        pairs[cname].norm = name
-        return hook
-
-    for name, mod in modules.items():
-        if isinstance(mod, CONV_TYPES):
-            hooks.append(mod.register_forward_hook(conv_hook(name)))
-        elif is_norm(mod):
-            hooks.append(mod.register_forward_pre_hook(norm_pre_hook(name)))
-    dry_run(model, input_shape, hooks)
-    return sorted(pairs.values(), key=lambda c: c.order)
-
+from .base import DEFENSES, Defense, DefenseResult, Run
+from .tracing import input_shape_of, pair_conv_norm
 
 def _norm_scale(norm: nn.Module, channels: int) -> torch.Tensor:
     """Per-channel |gamma| / sigma of an eval-mode norm layer (|gamma| alone without running stats)."""
@@ -118,9 +66,8 @@ class CLP(Defense):
     uses_labels = False
     uses_data = False
 
-    def run(self, model, data, *, device="cpu", seed=0, progress=None, resume_dir=None) -> DefenseResult:
-        t0 = time.time()
-        out = copy.deepcopy(model).to(device).eval()
+    def repair(self, model, data, run: Run) -> DefenseResult:
+        out = model.eval()
         shape = input_shape_of(out, data, self.config.input_shape)
         pairs = pair_conv_norm(out, shape)
         modules = dict(out.named_modules())
@@ -153,5 +100,4 @@ class CLP(Defense):
         if not any(p.norm for p in pairs) and not self.config.include_unpaired:
             raise ModelError("clp found no convolution followed by a normalisation layer "
                              "(set include_unpaired=true to use the kernels alone)")
-        return DefenseResult(out, [], {"config": to_dict(self.config), "layers": layers, "pruned_channels": total,
-                                       "seconds": time.time() - t0})
+        return DefenseResult(out, [], {"layers": layers, "pruned_channels": total})

@@ -14,22 +14,20 @@
 """
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check, to_dict
-from ..data import AugmentConfig, ImageSet, to_float
+from ..config import check
+from ..data.augment import AugmentConfig
 from ..errors import ModelError
 from ..train import predict
-from .base import DEFENSES, Defense, DefenseResult
-from .clp import ConvPair, pair_conv_norm
-from .ft import FinetuneOptim, finetune, input_shape_of, require_labels
+from .base import DEFENSES, Defense, DefenseResult, Run
+from .finetune import FinetuneOptim, finetune, trainable
+from .tracing import ConvPair, input_shape_of, pair_conv_norm
 
 
 @dataclass
@@ -126,12 +124,10 @@ class FinePruning(Defense):
     Config = FPConfig
     uses_labels = True
 
-    def run(self, model, data: Optional[ImageSet], *, device="cpu", seed=0, progress=None,
-            resume_dir=None) -> DefenseResult:
+    def repair(self, model, data, run: Run) -> DefenseResult:
         cfg = self.config
-        data = require_labels(data, self.name)
-        t0 = time.time()
-        out = copy.deepcopy(model).to(device).eval()
+        device = run.device
+        out = model.eval()
         pair = last_conv(out, input_shape_of(out, data))
         modules = dict(out.named_modules())
         act = channel_activation(out, pair, data.images, device)
@@ -160,18 +156,16 @@ class FinePruning(Defense):
         acc_pruned = _acc(out, data.images, data.labels, device)
         history: List[Dict[str, Any]] = []
         if cfg.finetune and n_pruned < pair.channels:
-            for p in out.parameters():
-                p.requires_grad_(True)
+            trainable(out)  # before the gradient hooks: a hook needs a parameter that requires grad
             handles = mask_gradients(params, idx)
             try:
-                history = finetune(out, data, cfg.optim, cfg.augment, seed=seed, device=device, progress=progress,
-                                   resume_dir=resume_dir, desc="fp")
+                history = finetune(out, data, cfg.optim, cfg.augment, seed=run.seed, device=device,
+                                   progress=run.progress, resume_dir=run.resume_dir, desc="fp")
             finally:
                 for hd in handles:
                     hd.remove()
             zero_channels(out, pair, idx)  # exact zeros regardless of optimiser arithmetic
-        out.eval()
-        info = {"config": to_dict(cfg), "layer": pair.conv, "norm": pair.norm, "channels": pair.channels,
+        info = {"layer": pair.conv, "norm": pair.norm, "channels": pair.channels,
                 "pruned": idx.tolist(), "prune_ratio": n_pruned / pair.channels, "acc_unpruned": base,
-                "acc_pruned": acc_pruned, "search": trace, "seconds": time.time() - t0}
+                "acc_pruned": acc_pruned, "search": trace}
         return DefenseResult(out, history, info)

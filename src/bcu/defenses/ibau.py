@@ -16,7 +16,7 @@ The minimax problem ``min_theta max_delta L(theta, delta)`` over one universal p
 The hypergradient ``grad_theta L_outer + (dT/dtheta)^T v`` is delivered to the shared loop
 :func:`bcu.train.fit` as the gradient of the surrogate ``L_outer + <v, T(delta, theta)>`` (v
 detached), so one ``backward`` yields it exactly. Rounds are the loop's epochs; the next round's
-perturbation is found in the epoch hook.
+perturbation is found in the epoch hook and saved with the objective in each resume checkpoint.
 
 Defaults: the authors' code (github.com/YiZeng623/I-BAU) as also reproduced by BackdoorToolbox:
 batch 100, 3 rounds, K = 5, inner lr 0.1, perturbation lr 10 and L2 radius 10, portion 0.01, and
@@ -26,21 +26,21 @@ model's normalisation).
 """
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional
+from pathlib import Path
+from typing import Any, Dict, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check, to_dict
-from ..data import ImageSet, batches
-from ..train import OptimConfig, Step, epoch_generator, fit
-from .base import DEFENSES, Defense, DefenseResult
-from .ft import require_labels
 from .. import seeding
+from ..config import check
+from ..data.imageset import ImageSet, batches
+from ..resume import malformed
+from ..train import OptimConfig, Step, fit
+from .base import DEFENSES, Defense, DefenseResult, Run
+from .finetune import trainable
 
 
 @dataclass
@@ -96,9 +96,22 @@ def find_perturbation(model: nn.Module, data: ImageSet, cfg: IBAUConfig, device:
 
 
 class IBAUObjective:
+    """The outer loss and its implicit hypergradient for the current round's perturbation ``pert``,
+    which is part of every resume checkpoint (a resumed run continues with the same perturbation)."""
+
     def __init__(self, cfg: IBAUConfig, pert: torch.Tensor) -> None:
         self.cfg = cfg
         self.pert = pert
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"pert": self.pert.detach().cpu()}
+
+    def load_state_dict(self, state: Any, where: Path) -> None:
+        pert = state.get("pert") if isinstance(state, dict) else None
+        if not isinstance(pert, torch.Tensor) or pert.shape != self.pert.shape or not pert.is_floating_point() \
+                or not torch.isfinite(pert).all():
+            raise malformed(where, "objective.pert", f"expected a finite perturbation of shape {tuple(self.pert.shape)}")
+        self.pert = pert.to(self.pert.device, self.pert.dtype)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], step: Step):
         if y is None:
@@ -136,13 +149,10 @@ class IBAU(Defense):
     Config = IBAUConfig
     uses_labels = True
 
-    def run(self, model, data, *, device="cpu", seed=0, progress=None, resume_dir=None) -> DefenseResult:
+    def repair(self, model, data, run: Run) -> DefenseResult:
         cfg = self.config
-        data = require_labels(data, self.name)
-        t0 = time.time()
-        out = copy.deepcopy(model).to(device)
-        for p in out.parameters():
-            p.requires_grad_(True)
+        device, seed = run.device, run.seed
+        out = trainable(model)
         unl = data.without_labels()
         objective = IBAUObjective(cfg, find_perturbation(out, unl, cfg, device, seed))
 
@@ -154,7 +164,5 @@ class IBAU(Defense):
         optim = OptimConfig(epochs=cfg.rounds, batch_size=bs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=0.9,
                             weight_decay=0.0, schedule="constant")
         history = fit(out, data, objective, optim, augment_cfg=None, seed=seed, device=device, with_labels=True,
-                      epoch_hook=next_round, resume_dir=resume_dir, desc="ibau", progress=progress)
-        out.eval()
-        return DefenseResult(out, history, {"config": to_dict(cfg), "images": len(data),
-                                            "seconds": time.time() - t0})
+                      epoch_hook=next_round, resume_dir=run.resume_dir, desc="ibau", progress=run.progress)
+        return DefenseResult(out, history, {"images": len(data)})

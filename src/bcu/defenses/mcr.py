@@ -6,7 +6,7 @@ quadratic Bezier curve ``phi(t) = (1-t)^2 w0 + 2t(1-t) theta + t^2 w1``, train t
 ``theta`` (initialised at the midpoint) to minimise ``E_{t ~ U(0,1)} CE(phi(t))`` on the clean
 data, and return the model at ``t`` (the paper picks t around 0.3-0.4; default 0.4) with its
 BatchNorm statistics recomputed on the same data (as in Garipov et al.'s curve code the paper
-builds on). Every floating parameter lies on the curve; buffers do not.
+builds on; :func:`bcu.train.recalibrate_batchnorm`). Every floating parameter lies on the curve; buffers do not.
 
 Curve training runs through :func:`bcu.train.fit` (``t`` is drawn per batch from the loop's
 generator). Defaults: endpoint fine-tuning as the ft baseline; curve training SGD lr 0.015,
@@ -17,20 +17,19 @@ restated from the paper) -- lower it for a quick benchmark.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..config import check, to_dict
-from ..data import AugmentConfig, ImageSet, batches
-from ..train import OptimConfig, Step, fit
-from .base import DEFENSES, Defense, DefenseResult
-from .ft import FinetuneOptim, finetune, require_labels
+from ..config import check
+from ..data.augment import AugmentConfig
+from ..train import OptimConfig, Step, fit, recalibrate_batchnorm
+from .base import DEFENSES, Defense, DefenseResult, Run
+from .finetune import FinetuneOptim, finetune, trainable
 
 
 @dataclass
@@ -99,26 +98,6 @@ class CurveObjective:
                       "t": curve.t}
 
 
-@torch.no_grad()
-def recompute_bn(model: nn.Module, data: ImageSet, batch_size: int = 256, device: str = "cpu") -> int:
-    """Reset every BatchNorm's running statistics and re-estimate them (cumulative average) on ``data``."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    was = model.training
-    model.train()
-    for x, _ in batches(data, batch_size, shuffle=False, device=device, with_labels=False):
-        model(x)
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    model.train(was)
-    return len(bns)
-
-
 @DEFENSES.register("mcr")
 class MCR(Defense):
     """MCR: train a Bezier curve between the backdoored and a fine-tuned model; take the model at t."""
@@ -126,30 +105,25 @@ class MCR(Defense):
     Config = MCRConfig
     uses_labels = True
 
-    def run(self, model, data, *, device="cpu", seed=0, progress=None, resume_dir=None) -> DefenseResult:
+    def repair(self, model, data, run: Run) -> DefenseResult:
         cfg = self.config
-        data = require_labels(data, self.name)
-        t0 = time.time()
-        end1 = copy.deepcopy(model).to(device)
-        for p in end1.parameters():
-            p.requires_grad_(True)
-        ft_hist = finetune(end1, data, cfg.endpoint, cfg.augment, seed=seed + 1, device=device, progress=progress,
-                           resume_dir=(resume_dir / "endpoint") if resume_dir else None, desc="mcr endpoint")
+        device = run.device
+        end1 = trainable(copy.deepcopy(model))
+        ft_hist = finetune(end1, data, cfg.endpoint, cfg.augment, seed=run.seed + 1, device=device,
+                           progress=run.progress, resume_dir=run.resume("endpoint"), desc="mcr endpoint")
         w0 = dict(model.named_parameters())
         w1 = dict(end1.named_parameters())
-        base = copy.deepcopy(model).to(device)
-        curve = BezierCurve(base, {k: v.to(device) for k, v in w0.items()}, w1).to(device)
-        history = fit(curve, data, CurveObjective(), cfg.optim, augment_cfg=cfg.augment, seed=seed, device=device,
+        base = copy.deepcopy(model)
+        curve = BezierCurve(base, w0, w1).to(device)
+        history = fit(curve, data, CurveObjective(), cfg.optim, augment_cfg=cfg.augment, seed=run.seed, device=device,
                       with_labels=True, params=list(curve.control.parameters()),
-                      resume_dir=(resume_dir / "curve") if resume_dir else None, desc="mcr curve", progress=progress)
-        out = copy.deepcopy(model).to(device)
+                      resume_dir=run.resume("curve"), desc="mcr curve", progress=run.progress)
+        out = model  # the backdoored endpoint, untouched so far, becomes the point at t
         with torch.no_grad():
             point = curve.params_at(cfg.t)
             for n, p in out.named_parameters():
                 if n in point:
                     p.copy_(point[n])
-        n_bn = recompute_bn(out, data, device=device)
-        out.eval()
-        info = {"config": to_dict(cfg), "t": cfg.t, "bn_layers_recomputed": n_bn, "endpoint_history": ft_hist,
-                "images": len(data), "seconds": time.time() - t0}
+        n_bn = recalibrate_batchnorm(out, data.images, 256, device, channels_last=False)
+        info = {"t": cfg.t, "bn_layers_recomputed": n_bn, "endpoint_history": ft_hist, "images": len(data)}
         return DefenseResult(out, history, info)

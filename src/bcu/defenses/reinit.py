@@ -22,15 +22,8 @@ import torch
 from torch import nn
 
 from ..config import check
-from ..errors import ModelError
 from .. import seeding
-
-NORM_TYPES: Tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
-
-
-def is_norm(module: nn.Module) -> bool:
-    """Normalisation layers, including custom ones whose class name says so (LayerNorm2d, RMSNorm)."""
-    return isinstance(module, NORM_TYPES) or "norm" in type(module).__name__.lower()
+from .tracing import TracedLayer, trace_layers
 
 
 @dataclass
@@ -67,12 +60,7 @@ class ReinitConfig:
 
 
 @dataclass
-class LayerInfo:
-    name: str
-    kind: str
-    order: int
-    out_shape: Tuple[int, ...]
-    numel: int
+class LayerInfo(TracedLayer):
     stage: str = ""
     ratio: float = 0.0
     dropped: int = 0
@@ -85,58 +73,6 @@ class LayerInfo:
         return {"name": self.name, "kind": self.kind, "stage": self.stage, "ratio": self.ratio,
                 "out_shape": list(self.out_shape), "params": self.numel, "dropped": self.dropped,
                 "dropped_fraction": self.dropped_fraction}
-
-
-def weight_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    """Modules that own parameters directly and are not normalisation layers."""
-    out = {}
-    for name, m in model.named_modules():
-        if is_norm(m):
-            continue
-        if any(True for _ in m.parameters(recurse=False)):
-            out[name] = m
-    return out
-
-
-def trace_layers(model: nn.Module, input_shape: Sequence[int]) -> List[LayerInfo]:
-    """Weight layers in execution order with their output shapes (one forward on zeros)."""
-    layers = weight_layers(model)
-    if not layers:
-        raise ModelError("the model has no weight layers to re-initialise")
-    seen: Dict[str, LayerInfo] = {}
-    hooks = []
-
-    def make_hook(name: str, mod: nn.Module):
-        def hook(_m, _inp, out):
-            if name not in seen:
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
-                seen[name] = LayerInfo(name, type(mod).__name__, len(seen), shape,
-                                       sum(p.numel() for p in mod.parameters(recurse=False)))
-        return hook
-
-    for name, mod in layers.items():
-        hooks.append(mod.register_forward_hook(make_hook(name, mod)))
-    dry_run(model, input_shape, hooks)
-    return sorted(seen.values(), key=lambda l: l.order)
-
-
-def dry_run(model: nn.Module, input_shape: Sequence[int], handles: List[Any]) -> None:
-    """One eval-mode forward pass on zeros (for hooks to observe), then remove ``handles``."""
-    was_training = model.training
-    try:
-        model.eval()
-        p = next(model.parameters())
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape, device=p.device, dtype=p.dtype))
-    except StopIteration:
-        raise ModelError("the model has no parameters") from None
-    except Exception as e:
-        raise ModelError(f"cannot run the model on inputs of shape {tuple(input_shape)}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
 
 
 def interpolate_ratios(ratios: Sequence[float], n: int) -> List[float]:
@@ -207,7 +143,7 @@ def assign_stages(layers: List[LayerInfo], cfg: ReinitConfig) -> List[LayerInfo]
 
 def plan(model: nn.Module, input_shape: Sequence[int], cfg: Optional[ReinitConfig] = None) -> List[LayerInfo]:
     """The layers bcu would re-initialise, with their stage and ratio (no change to the model)."""
-    return assign_stages(trace_layers(model, input_shape), cfg or ReinitConfig())
+    return assign_stages([LayerInfo(**vars(t)) for t in trace_layers(model, input_shape)], cfg or ReinitConfig())
 
 
 def _fresh_copy(module: nn.Module, seed: int) -> nn.Module:

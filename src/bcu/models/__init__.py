@@ -1,5 +1,7 @@
 """Model zoo: ``create_model(name, ...)`` over a registry, one file per family."""
 from . import cnn, mobilenet, preact_resnet, resnet, vgg, vit  # noqa: F401  (registers the families)
-from .registry import MODELS, Classifier, ModelSpec, Normalize, build, create_model, register_model
+from .registry import (MODELS, Classifier, ModelSpec, Normalize, build, check_images, create_model, input_shape_of,
+                       register_model)
 
-__all__ = ["MODELS", "Classifier", "ModelSpec", "Normalize", "build", "create_model", "register_model"]
+__all__ = ["MODELS", "Classifier", "ModelSpec", "Normalize", "build", "check_images", "create_model", "input_shape_of",
+           "register_model"]

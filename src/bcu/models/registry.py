@@ -1,17 +1,25 @@
-"""The model registry, the model spec stored in every sidecar, and the normalising wrapper."""
+"""The model contract: the registry, the spec stored in every sidecar, and the normalising wrapper.
+
+Every classifier bcu builds is a :class:`Classifier`: :class:`Normalize` (the spec's mean/std) then
+a registered architecture, taking (N, C, H, W) images in [0, 1]. The defenses also accept any other
+``nn.Module`` with that input contract; :func:`input_shape_of` and :func:`check_images` read the
+input shape from a spec where there is one.
+"""
 from __future__ import annotations
 
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .. import untrusted
 from ..config import check
-from ..errors import ConfigError, show
+from ..errors import ConfigError, DataError, show
 from ..registry import Registry
+from ..untrusted import check_image_shape
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 register_model = MODELS.register
@@ -30,13 +38,11 @@ class ModelSpec:
     classes: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
-        from ..untrusted import MAX_CLASSES, check_image_shape
-
         check(isinstance(self.arch, str) and self.arch in MODELS,
               f"unknown architecture {show(self.arch)} (known: {', '.join(MODELS.names())})")
         check(isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool)
-              and 2 <= self.num_classes <= MAX_CLASSES,
-              f"num_classes must be an integer in [2, {MAX_CLASSES}], got {show(self.num_classes)}")
+              and 2 <= self.num_classes <= untrusted.MAX_CLASSES,
+              f"num_classes must be an integer in [2, {untrusted.MAX_CLASSES}], got {show(self.num_classes)}")
         self.input_shape = check_image_shape(tuple(self.input_shape) if isinstance(self.input_shape, list)
                                              else self.input_shape, "input_shape")
         c = self.input_shape[0]
@@ -122,8 +128,6 @@ def build(spec: ModelSpec, check_state: Optional[Callable[[Dict[str, torch.Tenso
     with the weights at hand, before any real allocation. So a model file bounds the model it
     builds: its tensors must match the architecture's exactly.
     """
-    from ..untrusted import MAX_PARAMS
-
     factory = MODELS.get(spec.arch)
     params = inspect.signature(factory).parameters
     unknown = [k for k in spec.kwargs if k not in params]
@@ -132,10 +136,30 @@ def build(spec: ModelSpec, check_state: Optional[Callable[[Dict[str, torch.Tenso
     with torch.device("meta"):
         meta = _construct(factory, spec)
     values = sum(t.numel() for t in meta.state_dict().values())
-    if values > MAX_PARAMS:
+    if values > untrusted.MAX_PARAMS:
         raise ConfigError(f"{spec.arch!r} with these options has {values:,} parameters, more than the "
-                          f"{MAX_PARAMS:,} bcu builds (docs/security.md)")
+                          f"{untrusted.MAX_PARAMS:,} bcu builds (docs/security.md)")
     if check_state is not None:
         check_state(meta.state_dict())
     del meta
     return Classifier(_construct(factory, spec), spec)
+
+
+def input_shape_of(model: nn.Module) -> Optional[Tuple[int, int, int]]:
+    """(C, H, W) from the model's spec (a :class:`Classifier`), else None."""
+    spec = getattr(model, "spec", None)
+    return None if spec is None else tuple(int(v) for v in spec.input_shape)  # type: ignore[return-value]
+
+
+def check_images(model: nn.Module, shape: Sequence[int], where: str) -> None:
+    """Images of ``shape`` (C, H, W) are refused unless the model's spec takes them (one line naming what
+    differs); a model without a spec takes anything."""
+    want = input_shape_of(model)
+    if want is None:
+        return
+    c, h, w = want
+    dc, dh, dw = (int(v) for v in shape)
+    if (c, h, w) != (dc, dh, dw):
+        what = "channel count" if c != dc else "image size"
+        raise DataError(f"{where}: images are {dc}x{dh}x{dw} (CxHxW) but the model expects {c}x{h}x{w}: "
+                        f"wrong {what}")

@@ -11,7 +11,7 @@ Built-in sources (a bench config's ``sources`` table may add or override any):
   Selecting classes reads the held-out *labels*: that is the experimenter building the
   scenario, not the defense -- label-free defenses still receive the images without labels;
 * ``synthetic``     -- out-of-distribution images from a different synthetic task
-  (:func:`bcu.data.make_synthetic` with other templates), no labels;
+  (:func:`bcu.data.synthetic.make_synthetic` with other templates), no labels;
 * ``kind: data``    -- any other data set or a user folder/.npz (``path``: anything
   :func:`bcu.data.load_dataset` reads), converted to the model's channels and size.
 
@@ -29,9 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import check, from_dict
-from .data import ImageSet, load_dataset, make_synthetic, take
-from .errors import ConfigError, DataError
+from ..config import check, from_dict
+from ..errors import ConfigError, DataError
+from ..output import atomic_write_bytes
+from .imageset import ImageSet, take
+from .load import load_dataset
+from .synthetic import make_synthetic
 
 
 @dataclass
@@ -127,8 +130,6 @@ def build(src: SourceConfig, holdout: Optional[ImageSet], shape: Tuple[int, int,
 
 def export_npz(data: ImageSet, path: Union[str, Path]) -> Path:
     """Write the images (never the labels) as ``x`` in an .npz that ``bcu cleanse --data`` reads."""
-    from .checkpoint import atomic_write_bytes
-
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()

@@ -1,0 +1,388 @@
+"""The workflows: what each command does, written once for the CLI, the demo and the benchmark.
+
+* :func:`train_backdoored` / :func:`save_backdoored` -- a backdoored model from a training set and
+  an attack (its input normalisation from :func:`bcu.data.pixel_stats`), and its files;
+* :func:`attack`, :func:`cleanse`, :func:`defend`, :func:`evaluate` -- ``bcu attack|cleanse|defend|
+  evaluate``: inputs, resume fingerprint, staged output (:class:`bcu.output.OutputDir`), work,
+  report; each returns what the command prints;
+* :func:`cleanse_report` -- the report of a cleanse (``bcu cleanse`` and ``bcu demo``);
+* :func:`command_inputs` -- the paths a command reads, which no output may be or contain.
+
+The CLI (:mod:`bcu.cli`) only turns arguments into these calls and prints their results.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from torch import nn
+
+from . import dist, seeding
+from .attacks import Attack, create_attack, load_attack
+from .checkpoint import load_model, resolve_model_path, save_model
+from .config import deep_merge, from_dict, load_file, parse_overrides
+from .data.augment import AugmentConfig
+from .data.imageset import ImageSet, Images, pixel_stats, split, take
+from .data.load import fashion_mnist_dir, is_fashion_mnist, load_dataset
+from .defenses import DEFENSES, CleanseConfig, Cleanser, create_defense, preset
+from .defenses.base import DefenseResult
+from .errors import ConfigError, DataError, Interrupted, ModelError
+from .metrics import accuracy, attack_scores, der
+from .models import Classifier, check_images, create_model
+from .output import OutputDir, OutputFile, atomic_write_bytes, atomic_write_json
+from .report import write_cleanse_report
+from .resume import fingerprint
+from .train import OptimConfig
+from .version import __version__
+
+PathLike = Union[str, Path]
+
+
+def command_inputs(*specs: Any, models: Sequence[Any] = ()) -> List[str]:
+    """The paths a command reads: data specs that are paths (or name Fashion-MNIST's folder),
+    config files, attack artifacts, and each model's weights file and sidecar. No output may be,
+    or contain, one of them (bcu.output)."""
+    out: List[str] = []
+    for spec in specs:
+        if spec is None:
+            continue
+        s = str(spec)
+        if is_fashion_mnist(s):
+            try:
+                out.append(str(fashion_mnist_dir()))
+            except DataError:
+                pass
+        elif os.path.lexists(s):
+            out.append(s)
+    for m in models:
+        if m is None:
+            continue
+        out.append(str(m))
+        try:
+            w, side = resolve_model_path(m)
+            out += [str(w)] + ([str(side)] if side is not None else [])
+        except ModelError:
+            pass
+    return out
+
+
+def require_images(model: nn.Module, data: Images, where: str) -> None:
+    """Images of the wrong channel count or size are refused before any output is written."""
+    if len(data) == 0:
+        raise DataError(f"{where} holds no images")
+    check_images(model, data.shape, where)
+
+
+def attack_from_spec(spec: str, overrides: Dict[str, Any], image_shape, num_classes: int) -> Attack:
+    """An attack from an artifact folder/JSON written by `bcu attack`, or a registered name."""
+    p = Path(spec)
+    if p.exists():
+        if p.is_dir() and not (p / "attack.json").is_file():
+            raise DataError(f"{p} holds no attack.json (write one with `bcu attack`)")
+        attack = load_attack(p)
+        if overrides:
+            raise ConfigError("attack options cannot be changed for a saved attack artifact")
+        return attack
+    return create_attack(spec, overrides, image_shape, num_classes)
+
+
+# --------------------------------------------------------------------------------------------------
+# a backdoored model
+
+
+@dataclass
+class Backdoored:
+    """A model trained with a backdoor, and how."""
+
+    model: Classifier
+    attack: Attack
+    history: List[Dict[str, Any]]
+    seconds: float
+
+
+def train_backdoored(train: ImageSet, attack: Attack, arch: str, optim: OptimConfig,
+                     augment: Optional[AugmentConfig], *, seed: int = 0, device: str = "cpu",
+                     resume_dir: Optional[Path] = None, progress: Optional[bool] = None,
+                     mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                     **model_options: Any) -> Backdoored:
+    """A fresh ``arch`` (normalised by the training images' mean/std unless given; weights from
+    ``seed``) trained by ``attack`` on ``train``."""
+    if not (mean and std):
+        stats = pixel_stats(train.images)
+        mean, std = mean or stats[0], std or stats[1]
+    seeding.manual_seed(seed)
+    model = create_model(arch, attack.num_classes, train.shape, mean=tuple(mean), std=tuple(std), classes=train.classes,
+                         **model_options)
+    t0 = time.time()
+    history = attack.train(model, train, optim, augment_cfg=augment, seed=seed, device=device, resume_dir=resume_dir,
+                           progress=progress)
+    return Backdoored(model, attack, history, time.time() - t0)
+
+
+def save_backdoored(directory: Path, model: Classifier, attack: Attack, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """The model (safetensors + sidecar) and the attack artifact (attack.json + attack.safetensors)."""
+    sidecar = save_model(model.cpu(), directory, extra=extra)
+    attack.save(directory)
+    return sidecar
+
+
+def write_holdout(path: Path, holdout: ImageSet) -> None:
+    """The held-out training images (with their labels, for label-using baselines) as an .npz."""
+    buf = io.BytesIO()
+    np.savez(buf, x=holdout.images.numpy(), y=holdout.labels.numpy())
+    atomic_write_bytes(path, buf.getvalue())
+
+
+@dataclass
+class AttackOutcome:
+    out: Path
+    metrics: Dict[str, Any]
+    holdout: Optional[int]
+    scores: Optional[Dict[str, Optional[float]]]
+
+
+def attack(name: str, out: PathLike, *, data: str = "fashion-mnist", arch: str = "cnn-small",
+           width: Optional[float] = None, mean: Optional[Sequence[float]] = None,
+           std: Optional[Sequence[float]] = None, target: Optional[int] = None,
+           poison_rate: Optional[float] = None, epochs: int = 5, batch_size: int = 128, lr: float = 0.05,
+           seed: int = 0, holdout: int = 5000, sets: Sequence[str] = (), overwrite: bool = False,
+           resume: bool = False, device: str = "cpu", progress: Optional[bool] = None) -> AttackOutcome:
+    """``bcu attack``: train a backdoored model; keep ``holdout`` training images out as unlabeled.npz."""
+    over = parse_overrides(sets)
+    attack_over = over.pop("attack", {})
+    for k, v in (("target", target), ("poison_rate", poison_rate)):
+        if v is not None:
+            attack_over[k] = v
+    attack_over.setdefault("seed", seed)
+    train = load_dataset(data, split="train", labels=True, progress=bool(progress))
+    atk = create_attack(name, attack_over, train.shape, train.num_classes or 10)
+    optim = from_dict(OptimConfig, {"epochs": epochs, "batch_size": batch_size, "lr": lr, **over.pop("optim", {})})
+    augment = from_dict(AugmentConfig, over.pop("augment", {}))
+    if over:
+        raise ConfigError(f"unknown option {next(iter(over))} (use attack.*, optim.*, augment.*)")
+    held = None
+    if holdout:
+        train, held = split(train, holdout, seed=seed)
+    model_options = {"width": width} if width else {}
+    if not (mean and std):
+        stats = pixel_stats(train.images)
+        mean, std = mean or stats[0], std or stats[1]
+    values = {"command": "attack", "attack": name, "attack_config": dataclasses.asdict(atk.config),
+              "data_sha256": train.fingerprint(), "images": len(train), "holdout": holdout, "arch": arch,
+              "width": width, "mean": list(mean), "std": list(std), "optim": dataclasses.asdict(optim),
+              "augment": dataclasses.asdict(augment), "seed": seed}
+    with OutputDir(out, overwrite=overwrite, resume=resume, inputs=command_inputs(data), kind="attack") as o, \
+            fingerprint(values):
+        try:
+            done = train_backdoored(train, atk, arch, optim, augment, seed=seed, device=device,
+                                    resume_dir=o.resume_dir, progress=progress, mean=mean, std=std, **model_options)
+        except Interrupted as e:
+            raise o.interrupted(e) from None
+        save_backdoored(o.path, done.model, atk, {"attack": name})
+        metrics: Dict[str, Any] = {"attack": name, "seconds": done.seconds, "train_images": len(train),
+                                   "history": done.history}
+        if held is not None:
+            write_holdout(o.path / "unlabeled.npz", held)
+            metrics["holdout_images"] = len(held)
+        try:
+            test = load_dataset(data, split="test", labels=True)
+        except DataError:
+            test = None
+        if test is not None:
+            metrics.update(attack_scores(done.model, test, atk, device).as_dict())
+        atomic_write_json(o.path / "metrics.json", metrics)
+        final = o.commit()
+    scores = {k: metrics[k] for k in ("acc", "asr", "ra")} if test is not None else None
+    return AttackOutcome(final, metrics, len(held) if held is not None else None, scores)
+
+
+# --------------------------------------------------------------------------------------------------
+# cleansing
+
+
+def cleanse_config(preset_name: str = "default", config: Optional[PathLike] = None, sets: Sequence[str] = (),
+                   epochs: Optional[int] = None, batch_size: Optional[int] = None, lr: Optional[float] = None,
+                   seed: Optional[int] = None) -> CleanseConfig:
+    """preset <- config file <- ``--set`` overrides <- explicit flags."""
+    over: Dict[str, Any] = {}
+    name = preset_name
+    if config:
+        data = load_file(config)
+        name = data.pop("preset", name)
+        over = deep_merge(over, data)
+    over = deep_merge(over, parse_overrides(sets))
+    flags: Dict[str, Any] = {"optim": {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size),
+                                                         ("lr", lr)) if v is not None}}
+    if seed is not None:
+        flags["seed"] = seed
+    return preset(name, deep_merge(over, flags))
+
+
+def cleanse_report(*, command: str, model: str, model_sha256: str, data: str, images: int, data_sha256: str,
+                   output_sha256: str, scores: Optional[Dict[str, Dict[str, Any]]], der_value: Optional[float],
+                   result: DefenseResult) -> Dict[str, Any]:
+    """The report.json of a cleanse (report.md and curves.png are drawn from it)."""
+    return {"bcu_version": __version__, "command": command,
+            "input": {"model": model, "sha256": model_sha256, "data": data, "images": images,
+                      "data_sha256": data_sha256, "labels_read": False},
+            "output": {"sha256": output_sha256}, "scores": scores or None, "der": der_value,
+            **result.info, "history": result.history}
+
+
+def before_after(teacher: nn.Module, cleansed: nn.Module, test: ImageSet, attack: Optional[Attack],
+                 device: str) -> Tuple[Dict[str, Dict[str, Any]], Optional[float]]:
+    """Scores of the teacher and the cleansed model on labelled test images (ASR/RA/DER with an attack)."""
+    if attack is None:
+        return {"teacher": {"acc": accuracy(teacher, test, device)},
+                "cleansed": {"acc": accuracy(cleansed, test, device)}}, None
+    trig = attack.triggered_test(test)
+    before = attack_scores(teacher, test, attack, device, triggered=trig)
+    after = attack_scores(cleansed, test, attack, device, triggered=trig)
+    return {"teacher": before.as_dict(), "cleansed": after.as_dict()}, der(before, after)
+
+
+@dataclass
+class CleanseOutcome:
+    out: Optional[Path]
+    scores: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+
+def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, *, split_name: str = "train",
+            stream: bool = False, max_images: Optional[int] = None, test_data: Optional[str] = None,
+            attack_spec: Optional[str] = None, config_path: Optional[PathLike] = None,
+            model_options: Optional[Dict[str, Any]] = None, overwrite: bool = False, resume: bool = False,
+            device: str = "cpu", progress: Optional[bool] = None, command: Optional[str] = None) -> CleanseOutcome:
+    """``bcu cleanse``: bcu on unlabeled images (never their labels); under torchrun every rank trains
+    its shard and rank 0 alone writes (docs/distributed.md)."""
+    model, info = load_model(model_path, **(model_options or {}))
+    images = load_dataset(data, split=split_name, labels=False, progress=bool(progress), stream=stream)
+    if max_images is not None:
+        if max_images < 1:
+            raise ConfigError(f"--max-images must be >= 1, got {max_images}")
+        images = take(images, max_images, seed=cfg.seed)
+    require_images(model, images, data)
+    device = dist.device_for(device)  # under torchrun: one GPU per process
+    if not dist.is_main():
+        dist.init(device)
+        Cleanser(cfg).run(model, images, device=device, progress=False)
+        dist.barrier()
+        dist.shutdown()
+        return CleanseOutcome(None)
+    test = atk = None
+    if test_data:
+        test = load_dataset(test_data, split="test", labels=True)
+        require_images(model, test, test_data)
+        if attack_spec:
+            atk = attack_from_spec(attack_spec, {}, model.spec.input_shape, model.spec.num_classes)
+    data_sha = images.fingerprint()
+    values = {"command": "cleanse", "model_sha256": info["sha256"], "data_sha256": data_sha, "images": len(images),
+              "config": dataclasses.asdict(cfg)}
+    scores: Dict[str, Dict[str, Any]] = {}
+    with OutputDir(out, overwrite=overwrite, resume=resume, kind="cleanse",
+                   inputs=command_inputs(data, test_data, attack_spec, config_path, models=[model_path])) as o, \
+            fingerprint(values):
+        try:
+            result = Cleanser(cfg).run(model, images, device=device, progress=progress, resume_dir=o.resume_dir)
+        except Interrupted as e:
+            raise o.interrupted(e) from None
+        sidecar = save_model(result.model.cpu(), o.path, extra={"cleansed_by": "bcu", "teacher_sha256": info["sha256"]})
+        der_value = None
+        if test is not None:
+            scores, der_value = before_after(model, result.model, test, atk, device)
+        report = cleanse_report(command=command or "bcu " + " ".join(sys.argv[1:]), model=str(model_path),
+                                model_sha256=info["sha256"], data=str(data), images=len(images), data_sha256=data_sha,
+                                output_sha256=sidecar["sha256"], scores=scores, der_value=der_value, result=result)
+        write_cleanse_report(o.path, report, result.history)
+        final = o.commit()
+    dist.barrier()
+    dist.shutdown()
+    return CleanseOutcome(final, scores)
+
+
+# --------------------------------------------------------------------------------------------------
+# any defense, and evaluation
+
+
+def defend(name: str, model_path: PathLike, out: PathLike, *, data: Optional[str] = None,
+           split_name: str = "train", config: Optional[PathLike] = None, sets: Sequence[str] = (),
+           model_options: Optional[Dict[str, Any]] = None, seed: int = 0, overwrite: bool = False,
+           resume: bool = False, device: str = "cpu", progress: Optional[bool] = None) -> Path:
+    """``bcu defend``: any registered defense (label-using ones read the data's labels; bcu never does)."""
+    cls = DEFENSES.get(name)
+    over: Dict[str, Any] = load_file(config) if config else {}
+    defense = create_defense(name, deep_merge(over, parse_overrides(sets)))
+    model, info = load_model(model_path, **(model_options or {}))
+    images = None
+    if cls.uses_data:
+        if not data:
+            raise ConfigError(f"defense {name!r} needs --data")
+        images = load_dataset(data, split=split_name, labels=cls.uses_labels, progress=bool(progress))
+        require_images(model, images, data)
+    data_sha = images.fingerprint() if images is not None else None
+    values = {"command": "defend", "defense": name, "config": dataclasses.asdict(defense.config),
+              "model_sha256": info["sha256"], "data_sha256": data_sha, "seed": seed}
+    with OutputDir(out, overwrite=overwrite, resume=resume, kind="defend",
+                   inputs=command_inputs(data, config, models=[model_path])) as o, fingerprint(values):
+        try:
+            result = defense.run(model, images, device=device, seed=seed, progress=progress, resume_dir=o.resume_dir)
+        except Interrupted as e:
+            raise o.interrupted(e) from None
+        sidecar = save_model(result.model.cpu(), o.path, extra={"defense": name, "input_sha256": info["sha256"]})
+        atomic_write_json(o.path / "report.json", {
+            "defense": name, "uses_labels": cls.uses_labels,
+            "input": {"model": str(model_path), "sha256": info["sha256"], "data": data, "data_sha256": data_sha},
+            "output": {"sha256": sidecar["sha256"]}, "info": result.info, "history": result.history})
+        return o.commit()
+
+
+@dataclass
+class Evaluation:
+    result: Dict[str, Any]
+    named: Dict[str, Dict[str, Any]]
+
+
+def evaluate(model_path: PathLike, data: str, *, split_name: str = "test", attack_spec: Optional[str] = None,
+             sets: Sequence[str] = (), original: Optional[PathLike] = None, json_out: Optional[PathLike] = None,
+             overwrite: bool = False, model_options: Optional[Dict[str, Any]] = None,
+             device: str = "cpu") -> Evaluation:
+    """``bcu evaluate``: ACC on labelled data; ASR, RA (and DER against ``original``) with an attack."""
+    out_file = None
+    if json_out:  # checked before the work: an existing file, a link, the model's own sidecar... are refused
+        out_file = OutputFile(json_out, overwrite=overwrite, flag="--json",
+                              inputs=command_inputs(data, attack_spec, models=[model_path, original])).check()
+    model, info = load_model(model_path, **(model_options or {}))
+    test = load_dataset(data, split=split_name, labels=True)
+    if test.shape != tuple(model.spec.input_shape):
+        raise DataError(f"test images are {'x'.join(map(str, test.shape))} but the model expects "
+                        f"{'x'.join(map(str, model.spec.input_shape))}")
+    result: Dict[str, Any] = {"model": str(model_path), "sha256": info["sha256"], "data": str(data)}
+    named: Dict[str, Dict[str, Any]] = {}
+    if attack_spec:
+        atk = attack_from_spec(attack_spec, parse_overrides(sets).get("attack", {}), model.spec.input_shape,
+                               model.spec.num_classes)
+        trig = atk.triggered_test(test)
+        after = attack_scores(model, test, atk, device, triggered=trig)
+        named["model"] = after.as_dict()
+        result.update(after.as_dict())
+        result["asr_by_class"] = after.asr_by_class
+        result["attack"] = atk.describe()
+        if original:
+            orig, _ = load_model(original, **(model_options or {}))
+            before = attack_scores(orig, test, atk, device, triggered=trig)
+            named = {"original": before.as_dict(), **named}
+            result["original"] = before.as_dict()
+            result["der"] = der(before, after)
+    else:
+        result["acc"] = accuracy(model, test, device)
+        named["model"] = {"acc": result["acc"]}
+    if out_file is not None:
+        out_file.write_json(result)
+    return Evaluation(result, named)
+
