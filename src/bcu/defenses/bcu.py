@@ -51,6 +51,10 @@ class DistillConfig:
                 "unwarped view, so the student learns to ignore small geometric distortions (0 = off, paper: 0; "
                 "bcu: 0.5, docs/method.md)"})
     warp_grid: int = field(default=4, metadata={"help": "control points per side of the random warp field"})
+    average_from: float = field(default=1.0, metadata={
+        "help": "average the student's weights over the epochs from this fraction of training on (stochastic weight "
+                "averaging, Izmailov et al. 2018; BatchNorm statistics are then re-estimated on the clean images); "
+                "1 = off, the last epoch's weights (paper)"})
     clean_fraction: float = field(default=0.0, metadata={
         "help": "share of each batch that the student sees exactly as the teacher does (no warp, noise or adversary)"})
     recalibrate_bn: bool = field(default=False, metadata={
@@ -63,6 +67,7 @@ class DistillConfig:
         check(self.warp >= 0, f"warp must be >= 0, got {self.warp}")
         check(self.warp_grid >= 2, f"warp_grid must be >= 2, got {self.warp_grid}")
         check(0 <= self.clean_fraction < 1, f"clean_fraction must be in [0, 1), got {self.clean_fraction}")
+        check(0 <= self.average_from <= 1, f"average_from must be in [0, 1], got {self.average_from}")
 
     def temperature(self, epoch: int, epochs: int) -> float:
         return self.t_start + (self.t_end - self.t_start) * (epoch + 1) / epochs
@@ -104,7 +109,8 @@ PAPER: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 1.0, "max_ratio": 1.0,
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": False, "mixup_alpha": 0.0, "noise_blend": 0.0,
-                "warp": 0.0, "clean_fraction": 0.0, "recalibrate_bn": False},
+                "warp": 0.0, "clean_fraction": 0.0, "recalibrate_bn": False,
+                "average_from": 1.0},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
               "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
@@ -126,7 +132,8 @@ V1: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 4.0, "max_ratio": 0.9,
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": True, "mixup_alpha": 0.0, "noise_blend": 0.2,
-                "warp": 0.5, "warp_grid": 4, "clean_fraction": 0.0, "recalibrate_bn": False},
+                "warp": 0.5, "warp_grid": 4, "clean_fraction": 0.0,
+                "recalibrate_bn": False, "average_from": 1.0},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
               "weight_decay": 5e-4, "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
@@ -185,10 +192,40 @@ class DistillObjective:
         return loss, {"loss": float(loss.detach()), "agree": float(agree) * 100, "T": T}
 
 
+class WeightAverage:
+    """Running mean of a model's floating-point parameters over the epochs it is called on."""
+
+    def __init__(self, start_epoch: int) -> None:
+        self.start = start_epoch
+        self.mean: Optional[Dict[str, torch.Tensor]] = None
+        self.count = 0
+
+    def update(self, epoch: int, model: nn.Module) -> None:
+        if epoch < self.start:
+            return
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        self.count += 1
+        if self.mean is None:
+            self.mean = {k: v.clone() for k, v in params.items()}
+        else:
+            for k, v in params.items():
+                self.mean[k] += (v - self.mean[k]) / self.count
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> bool:
+        if self.mean is None:
+            return False
+        for k, p in model.named_parameters():
+            p.copy_(self.mean[k])
+        return True
+
+
 class Monitor:
     """Per-epoch label-free signals on a fixed slice of unlabeled images, and the stopping rule."""
 
-    def __init__(self, teacher: nn.Module, images: torch.Tensor, cfg: StopConfig, device: str) -> None:
+    def __init__(self, teacher: nn.Module, images: torch.Tensor, cfg: StopConfig, device: str,
+                 average: Optional[WeightAverage] = None) -> None:
+        self.average = average
         self.images = images
         self.cfg = cfg
         self.device = device
@@ -198,6 +235,8 @@ class Monitor:
         self.bad = 0
 
     def __call__(self, epoch: int, student: nn.Module) -> Dict[str, Any]:
+        if self.average is not None:
+            self.average.update(epoch, student)
         if self.t_logits is None:
             return {}
         s = predict(student, self.images, device=self.device)
@@ -301,13 +340,16 @@ class Cleanser:
             train = data.subset(train_idx.sort().values)
         else:
             mon_idx, train = perm[:n_mon], data  # watched, not held out
-        monitor = Monitor(teacher, data.images[mon_idx.sort().values], cfg.stop, device)
+        average = (WeightAverage(int(cfg.distill.average_from * cfg.optim.epochs))
+                   if cfg.distill.average_from < 1 else None)
+        monitor = Monitor(teacher, data.images[mon_idx.sort().values], cfg.stop, device, average)
         history: List[Dict[str, Any]] = []
         if distill:
             history = fit(student, train, DistillObjective(teacher, cfg.distill, cfg.adversary, shape, cfg.seed), cfg.optim,
                           augment_cfg=cfg.augment, seed=cfg.seed, device=device, with_labels=False,
                           epoch_hook=monitor, resume_dir=resume_dir, desc="cleanse", progress=progress)
-        if distill and cfg.distill.recalibrate_bn:
+        averaged = distill and average is not None and average.apply(student)
+        if distill and (cfg.distill.recalibrate_bn or averaged):
             clean = train.images[torch.arange(min(len(train), 10_000))]  # at most 10,000: statistics converge
             recalibrate_batchnorm(student, clean, cfg.optim.batch_size, device)
         student.eval()
