@@ -51,6 +51,10 @@ class DistillConfig:
                 "unwarped view, so the student learns to ignore small geometric distortions (0 = off, paper: 0; "
                 "bcu: 0.5, docs/method.md)"})
     warp_grid: int = field(default=4, metadata={"help": "control points per side of the random warp field"})
+    batchnorm: Literal["train", "frozen"] = field(default="train", metadata={
+        "help": "train: the student's BatchNorm layers use batch statistics and update their running statistics "
+                "(paper); frozen: they keep normalising with the statistics the model stored in training, which "
+                "the unlabeled images then cannot shift (for images of another kind)"})
     average_from: float = field(default=1.0, metadata={
         "help": "average the student's weights over the epochs from this fraction of training on (stochastic weight "
                 "averaging, Izmailov et al. 2018; BatchNorm statistics are then re-estimated on the clean images); "
@@ -110,7 +114,7 @@ PAPER: Dict[str, Any] = {
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": False, "mixup_alpha": 0.0, "noise_blend": 0.0,
                 "warp": 0.0, "clean_fraction": 0.0, "recalibrate_bn": False,
-                "average_from": 1.0},
+                "average_from": 1.0, "batchnorm": "train"},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
               "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
@@ -133,7 +137,7 @@ V1: Dict[str, Any] = {
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": True, "mixup_alpha": 0.0, "noise_blend": 0.2,
                 "warp": 0.5, "warp_grid": 4, "clean_fraction": 0.0,
-                "recalibrate_bn": False, "average_from": 1.0},
+                "recalibrate_bn": False, "average_from": 1.0, "batchnorm": "train"},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
               "weight_decay": 5e-4, "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
@@ -183,6 +187,10 @@ class DistillObjective:
         if self.bank is not None:
             head = self.bank.apply(head, int(round(self.adversary.fraction * x.shape[0])), step.generator)
         x = torch.cat([head, clean]) if keep else head
+        if self.cfg.batchnorm == "frozen":
+            for m in student.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         s_logits = student(x).float()
         loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean",
                         log_target=True)
