@@ -25,6 +25,7 @@ from ..errors import ConfigError, DataError, show
 from ..train import OptimConfig, Step, fit, memory_format_for, predict, recalibrate_batchnorm
 from .adversary import AdversaryConfig, Bank
 from .base import DEFENSES, Defense, DefenseResult
+from .synthesis import SynthesisConfig, synthesize
 from .reinit import ReinitConfig, reinitialize
 from .. import seeding
 
@@ -104,6 +105,7 @@ class CleanseConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     stop: StopConfig = field(default_factory=StopConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     seed: int = field(default=0, metadata={"help": "seed of masks, shuffling and augmentation"})
 
 
@@ -120,6 +122,7 @@ PAPER: Dict[str, Any] = {
     "augment": {"crop_pad": 4, "hflip": True},
     "stop": {"rule": "none"},
     "adversary": {"kind": "none"},
+    "synthesis": {"mix": 0.0},
 }
 
 # bcu's defaults are the dataclass defaults, chosen from the measurements in docs/method.md: on
@@ -143,6 +146,7 @@ V1: Dict[str, Any] = {
     "augment": {"crop_pad": 4, "hflip": True},
     "stop": {"rule": "none"},
     "adversary": {"kind": "none"},
+    "synthesis": {"mix": 0.0},
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {"paper": PAPER, "default": DEFAULT, "v1": V1}
@@ -328,12 +332,28 @@ class Cleanser:
     def run(self, model: nn.Module, unlabeled: Any, *, device: str = "cpu", progress: Optional[bool] = None,
             resume_dir: Optional[Path] = None, reinit: bool = True, distill: bool = True) -> DefenseResult:
         cfg = self.config
-        data = as_unlabeled(unlabeled)
+        t0 = time.time()
+        synthesized = 0
+        if unlabeled is None or (distill and cfg.synthesis.mix > 0):
+            spec = getattr(model, "spec", None)
+            if spec is None:
+                raise DataError("a cleanse without images synthesizes them and needs the model's input shape "
+                                "(a bcu model or one with a .spec)")
+            n = cfg.synthesis.images if unlabeled is None else None
+            if unlabeled is not None:
+                real = as_unlabeled(unlabeled)
+                n = int(round(cfg.synthesis.mix * len(real)))
+            images = synthesize(model, tuple(spec.input_shape), spec.num_classes, cfg.synthesis, n, seed=cfg.seed,
+                                device=device, progress=progress)
+            synthesized = len(images)
+            data = ImageSet(images, None, None, "synthesized") if unlabeled is None else ImageSet(
+                torch.cat([real.images, images]), None, None, f"{real.name}+synthesized")
+        else:
+            data = as_unlabeled(unlabeled)
         shape = input_shape_of(model, data)
         if distill and len(data) < cfg.optim.batch_size:
             raise DataError(f"{len(data)} unlabeled images are fewer than one batch ({cfg.optim.batch_size}); "
                             f"lower the batch size or add images")
-        t0 = time.time()
         teacher = copy.deepcopy(model).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -363,7 +383,8 @@ class Cleanser:
         student.eval()
         info = {"layers": [l.as_dict() for l in layers], "config": to_dict(cfg),
                 "epochs_run": len(history), "stopped_early": len(history) < cfg.optim.epochs and distill,
-                "unlabeled_images": len(data), "training_images": len(train), "monitor_images": int(n_mon),
+                "unlabeled_images": len(data) - synthesized, "synthesized_images": synthesized,
+                "training_images": len(train), "monitor_images": int(n_mon),
                 "seconds": time.time() - t0}
         return DefenseResult(student, history, info)
 
