@@ -58,6 +58,8 @@ def run_defense(defense: Defense, model: nn.Module, data: Optional[ImageSet], **
     if not defense.uses_data:
         return defense.run(model, None, **kw)
     if data is None:
+        if getattr(defense, "synthesizes", False):  # it makes its own images (bcu: model inversion)
+            return defense.run(model, None, **kw)
         raise DataError(f"defense {defense.name!r} needs images")
     if defense.uses_labels:
         if data.labels is None:

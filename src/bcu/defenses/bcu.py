@@ -409,6 +409,7 @@ class BCU(Defense):
 
     Config = CleanseConfig
     uses_labels = False
+    synthesizes = True  # without images it inverts the teacher (bcu.defenses.synthesis)
     reinit = True
     distill = True
 
