@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 import yaml
 
 from bcu.bench import load_config, run_bench
-from bcu.checkpoint import atomic_write_json
+from bcu.output import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS_FILE = ROOT / "benchmarks" / "study_variants.yaml"

@@ -220,12 +220,12 @@ def ensure_teacher(cfg: BenchConfig, out: Path, arch: str, attack_name: str, see
     return model, attack, scores
 
 
-def source_images(cfg: BenchConfig, out: Path, name: str, seed: int, shape, num_classes: int) -> ImageSet:
+def source_images(cfg: BenchConfig, out: Path, name: str, seed: int, shape, num_classes: int) -> Optional[ImageSet]:
     _, holdout, _ = _split_data(cfg, seed)
     src = resolve_source(name, cfg.sources)
     data = build_source(src, holdout, shape, seed=seed, num_classes=num_classes, name=name)
     npz = out / "unlabeled" / f"{name}__s{seed}.npz"
-    if not npz.is_file():
+    if data is not None and not npz.is_file():
         export_npz(data, npz)
     return data
 
@@ -252,7 +252,10 @@ def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress
     if cls.uses_data:
         data = source_images(cfg, out, cell.unlabeled, cell.seed, tuple(model.spec.input_shape),
                              model.spec.num_classes)
-        if cls.uses_labels and data.labels is None:
+        if data is None and not getattr(cls, "synthesizes", False):
+            row["status"] = "skipped"
+            row["reason"] = f"{cell.defense} needs images; source {cell.unlabeled!r} has none"
+        elif data is not None and cls.uses_labels and data.labels is None:
             row["status"] = "skipped"
             row["reason"] = f"{cell.defense} needs labels; source {cell.unlabeled!r} has none"
     if row["status"] == "ok":
@@ -265,6 +268,7 @@ def run_cell(cfg: BenchConfig, out: Path, cell: Cell, config_path: str, progress
         row.update(acc=after.acc, asr=after.asr, ra=after.ra,
                    der=der(Scores(before["acc"], before["asr"]), after), asr_by_class=after.asr_by_class)
         row["images"] = len(data) if data is not None else 0
+        row["synthesized_images"] = result.info.get("synthesized_images", 0)
         row["labels_used"] = bool(cls.uses_labels and cls.uses_data)
         row["info"] = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool)) or
                        k in ("pruned", "pruned_channels", "pruned_neurons", "prune_ratio", "t")}

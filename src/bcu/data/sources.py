@@ -41,12 +41,16 @@ from .synthetic import make_synthetic
 class SourceConfig:
     """One unlabeled source."""
 
-    kind: Literal["holdout", "data", "synthetic"] = field(default="holdout", metadata={
-        "help": "holdout: the held-out training images; data: a data set/folder/.npz; synthetic: another task"})
+    kind: Literal["holdout", "data", "synthetic", "none"] = field(default="holdout", metadata={
+        "help": "holdout: the held-out training images; data: a data set/folder/.npz; synthetic: another task; "
+                "none: no images at all (defenses that can synthesize them do; the others are skipped)"})
     n: Optional[int] = field(default=None, metadata={"help": "use this many images (random, seeded; None: all)"})
     classes: Optional[List[int]] = field(default=None, metadata={
         "help": "holdout: keep only these classes (experimenter's selection with the held-out labels)"})
     half_classes: bool = field(default=False, metadata={"help": "holdout: keep only the first half of the classes"})
+    imbalance: Optional[float] = field(default=None, metadata={
+        "help": "holdout: a long-tailed set, class k keeping imbalance^(-k/(K-1)) of its images (the first class "
+                "all of them, the last 1/imbalance; Cui et al. 2019's exponential profile)"})
     path: Optional[str] = field(default=None, metadata={"help": "data: any spec load_dataset reads"})
     split: Literal["train", "test"] = field(default="train", metadata={"help": "data: which split"})
     labels: bool = field(default=False, metadata={
@@ -55,8 +59,9 @@ class SourceConfig:
     def __post_init__(self) -> None:
         check(self.n is None or self.n >= 1, f"source n must be >= 1, got {self.n}")
         check(self.kind != "data" or bool(self.path), "a source of kind 'data' needs a path")
-        check(self.kind == "holdout" or (self.classes is None and not self.half_classes),
-              "classes/half_classes select from the held-out images (kind: holdout)")
+        check(self.kind == "holdout" or (self.classes is None and not self.half_classes and self.imbalance is None),
+              "classes/half_classes/imbalance select from the held-out images (kind: holdout)")
+        check(self.imbalance is None or self.imbalance >= 1, f"imbalance must be >= 1, got {self.imbalance}")
 
 
 BUILTIN: Dict[str, Dict[str, object]] = {
@@ -99,8 +104,11 @@ def conform(images: torch.Tensor, shape: Tuple[int, int, int]) -> torch.Tensor:
 
 
 def build(src: SourceConfig, holdout: Optional[ImageSet], shape: Tuple[int, int, int], seed: int = 0,
-          num_classes: int = 10, name: str = "unlabeled") -> ImageSet:
-    """The images of ``src`` (with labels when the source has meaningful ones), for one seed."""
+          num_classes: int = 10, name: str = "unlabeled") -> Optional[ImageSet]:
+    """The images of ``src`` (with labels when the source has meaningful ones), for one seed; None for
+    a source of kind ``none``."""
+    if src.kind == "none":
+        return None
     if src.kind == "holdout":
         if holdout is None:
             raise DataError(f"source {name!r} needs the held-out training images")
@@ -113,6 +121,17 @@ def build(src: SourceConfig, holdout: Optional[ImageSet], shape: Tuple[int, int,
             if len(idx) == 0:
                 raise DataError(f"source {name!r}: no held-out image of classes {keep}")
             data = data.subset(idx)
+        if src.imbalance is not None:
+            if data.labels is None:
+                raise DataError(f"source {name!r} is class-imbalanced, which needs the held-out labels")
+            k = data.num_classes or num_classes
+            g = torch.Generator().manual_seed(20_000 + seed)
+            keep_idx = []
+            for c in range(k):
+                members = torch.nonzero(data.labels == c).flatten()
+                m = max(1, int(round(len(members) * src.imbalance ** (-c / max(1, k - 1)))))
+                keep_idx.append(members[torch.randperm(len(members), generator=g)[:m]])
+            data = data.subset(torch.cat(keep_idx).sort().values)
         if src.n is not None:
             if src.n > len(data):
                 raise DataError(f"source {name!r} asks for {src.n} images; only {len(data)} are held out")

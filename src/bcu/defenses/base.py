@@ -56,6 +56,7 @@ class Defense(ABC):
     Config: ClassVar[type]
     uses_labels: ClassVar[bool] = True
     uses_data: ClassVar[bool] = True
+    synthesizes: ClassVar[bool] = False  # without images it makes its own (bcu: inverting the model)
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -69,6 +70,8 @@ class Defense(ABC):
         """What the method may see of ``data``: nothing (data-free), the images without labels
         (label-free), or the labelled images (label-using; an unlabelled set is refused)."""
         if not self.uses_data:
+            return None
+        if data is None and self.synthesizes:
             return None
         if data is None or len(data) == 0:
             raise DataError(f"defense {self.name!r} needs images")

@@ -27,6 +27,7 @@ from ..resume import malformed
 from ..train import OptimConfig, Step, fit, memory_format_for, predict, recalibrate_batchnorm
 from .adversary import AdversaryConfig, Bank
 from .base import DEFENSES, Defense, DefenseResult, Run
+from .synthesis import SynthesisConfig, synthesize
 from .reinit import ReinitConfig, reinitialize
 from .tracing import input_shape_of
 from .. import seeding
@@ -54,6 +55,14 @@ class DistillConfig:
                 "unwarped view, so the student learns to ignore small geometric distortions (0 = off, paper: 0; "
                 "bcu: 0.5, docs/method.md)"})
     warp_grid: int = field(default=4, metadata={"help": "control points per side of the random warp field"})
+    batchnorm: Literal["train", "frozen"] = field(default="train", metadata={
+        "help": "train: the student's BatchNorm layers use batch statistics and update their running statistics "
+                "(paper); frozen: they keep normalising with the statistics the model stored in training, which "
+                "the unlabeled images then cannot shift (for images of another kind)"})
+    average_from: float = field(default=1.0, metadata={
+        "help": "average the student's weights over the epochs from this fraction of training on (stochastic weight "
+                "averaging, Izmailov et al. 2018; BatchNorm statistics are then re-estimated on the clean images); "
+                "1 = off, the last epoch's weights (paper)"})
     clean_fraction: float = field(default=0.0, metadata={
         "help": "share of each batch that the student sees exactly as the teacher does (no warp, noise or adversary)"})
     recalibrate_bn: bool = field(default=False, metadata={
@@ -66,6 +75,7 @@ class DistillConfig:
         check(self.warp >= 0, f"warp must be >= 0, got {self.warp}")
         check(self.warp_grid >= 2, f"warp_grid must be >= 2, got {self.warp_grid}")
         check(0 <= self.clean_fraction < 1, f"clean_fraction must be in [0, 1), got {self.clean_fraction}")
+        check(0 <= self.average_from <= 1, f"average_from must be in [0, 1], got {self.average_from}")
 
     def temperature(self, epoch: int, epochs: int) -> float:
         return self.t_start + (self.t_end - self.t_start) * (epoch + 1) / epochs
@@ -98,6 +108,7 @@ class CleanseConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     stop: StopConfig = field(default_factory=StopConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     seed: int = field(default=0, metadata={"help": "seed of masks, shuffling and augmentation"})
 
 
@@ -107,12 +118,14 @@ PAPER: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 1.0, "max_ratio": 1.0,
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": False, "mixup_alpha": 0.0, "noise_blend": 0.0,
-                "warp": 0.0, "clean_fraction": 0.0, "recalibrate_bn": False},
+                "warp": 0.0, "clean_fraction": 0.0, "recalibrate_bn": False,
+                "average_from": 1.0, "batchnorm": "train"},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
               "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
     "stop": {"rule": "none"},
     "adversary": {"kind": "none"},
+    "synthesis": {"mix": 0.0},
 }
 
 # bcu's defaults are the dataclass defaults, chosen from the measurements in docs/method.md: on
@@ -129,12 +142,14 @@ V1: Dict[str, Any] = {
     "reinit": {"stem": 0.01, "stages": [0.01, 0.03, 0.09, 0.27], "head": 0.10, "scale": 4.0, "max_ratio": 0.9,
                "profile": "stages", "uniform": None},
     "distill": {"t_start": 1.0, "t_end": 4.0, "t_squared": True, "mixup_alpha": 0.0, "noise_blend": 0.2,
-                "warp": 0.5, "warp_grid": 4, "clean_fraction": 0.0, "recalibrate_bn": False},
+                "warp": 0.5, "warp_grid": 4, "clean_fraction": 0.0,
+                "recalibrate_bn": False, "average_from": 1.0, "batchnorm": "train"},
     "optim": {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
               "weight_decay": 5e-4, "schedule": "cosine"},
     "augment": {"crop_pad": 4, "hflip": True},
     "stop": {"rule": "none"},
     "adversary": {"kind": "none"},
+    "synthesis": {"mix": 0.0},
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {"paper": PAPER, "default": DEFAULT, "v1": V1}
@@ -179,6 +194,10 @@ class DistillObjective:
         if self.bank is not None:
             head = self.bank.apply(head, int(round(self.adversary.fraction * x.shape[0])), step.generator)
         x = torch.cat([head, clean]) if keep else head
+        if self.cfg.batchnorm == "frozen":
+            for m in student.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         s_logits = student(x).float()
         loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean",
                         log_target=True)
@@ -204,10 +223,40 @@ class DistillObjective:
             raise malformed(where, "objective.bank", str(e)) from None
 
 
+class WeightAverage:
+    """Running mean of a model's floating-point parameters over the epochs it is called on."""
+
+    def __init__(self, start_epoch: int) -> None:
+        self.start = start_epoch
+        self.mean: Optional[Dict[str, torch.Tensor]] = None
+        self.count = 0
+
+    def update(self, epoch: int, model: nn.Module) -> None:
+        if epoch < self.start:
+            return
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        self.count += 1
+        if self.mean is None:
+            self.mean = {k: v.clone() for k, v in params.items()}
+        else:
+            for k, v in params.items():
+                self.mean[k] += (v - self.mean[k]) / self.count
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> bool:
+        if self.mean is None:
+            return False
+        for k, p in model.named_parameters():
+            p.copy_(self.mean[k])
+        return True
+
+
 class Monitor:
     """Per-epoch label-free signals on a fixed slice of unlabeled images, and the stopping rule."""
 
-    def __init__(self, teacher: nn.Module, images: torch.Tensor, cfg: StopConfig, device: str) -> None:
+    def __init__(self, teacher: nn.Module, images: torch.Tensor, cfg: StopConfig, device: str,
+                 average: Optional[WeightAverage] = None) -> None:
+        self.average = average
         self.images = images
         self.cfg = cfg
         self.device = device
@@ -217,6 +266,8 @@ class Monitor:
         self.bad = 0
 
     def __call__(self, epoch: int, student: nn.Module) -> Dict[str, Any]:
+        if self.average is not None:
+            self.average.update(epoch, student)
         if self.t_logits is None:
             return {}
         s = predict(student, self.images, device=self.device)
@@ -290,12 +341,28 @@ class Cleanser:
     def run(self, model: nn.Module, unlabeled: Any, *, device: str = "cpu", progress: Optional[bool] = None,
             resume_dir: Optional[Path] = None, reinit: bool = True, distill: bool = True) -> DefenseResult:
         cfg = self.config
-        data = as_unlabeled(unlabeled)
+        t0 = time.time()
+        synthesized = 0
+        if unlabeled is None or (distill and cfg.synthesis.mix > 0):
+            spec = getattr(model, "spec", None)
+            if spec is None:
+                raise DataError("a cleanse without images synthesizes them and needs the model's input shape "
+                                "(a bcu model or one with a .spec)")
+            n = cfg.synthesis.images if unlabeled is None else None
+            if unlabeled is not None:
+                real = as_unlabeled(unlabeled)
+                n = int(round(cfg.synthesis.mix * len(real)))
+            images = synthesize(model, tuple(spec.input_shape), spec.num_classes, cfg.synthesis, n, seed=cfg.seed,
+                                device=device, progress=progress)
+            synthesized = len(images)
+            data = ImageSet(images, None, None, "synthesized") if unlabeled is None else ImageSet(
+                torch.cat([real.images, images]), None, None, f"{real.name}+synthesized")
+        else:
+            data = as_unlabeled(unlabeled)
         shape = input_shape_of(model, data)
         if distill and len(data) < cfg.optim.batch_size:
             raise DataError(f"{len(data)} unlabeled images are fewer than one batch ({cfg.optim.batch_size}); "
                             f"lower the batch size or add images")
-        t0 = time.time()
         teacher = copy.deepcopy(model).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -310,19 +377,23 @@ class Cleanser:
             train = data.subset(train_idx.sort().values)
         else:
             mon_idx, train = perm[:n_mon], data  # watched, not held out
-        monitor = Monitor(teacher, data.images[mon_idx.sort().values], cfg.stop, device)
+        average = (WeightAverage(int(cfg.distill.average_from * cfg.optim.epochs))
+                   if cfg.distill.average_from < 1 else None)
+        monitor = Monitor(teacher, data.images[mon_idx.sort().values], cfg.stop, device, average)
         history: List[Dict[str, Any]] = []
         if distill:
             history = fit(student, train, DistillObjective(teacher, cfg.distill, cfg.adversary, shape, cfg.seed), cfg.optim,
                           augment_cfg=cfg.augment, seed=cfg.seed, device=device, with_labels=False,
                           epoch_hook=monitor, resume_dir=resume_dir, desc="cleanse", progress=progress)
-        if distill and cfg.distill.recalibrate_bn:
+        averaged = distill and average is not None and average.apply(student)
+        if distill and (cfg.distill.recalibrate_bn or averaged):
             clean = train.images[torch.arange(min(len(train), 10_000))]  # at most 10,000: statistics converge
             recalibrate_batchnorm(student, clean, cfg.optim.batch_size, device)
         student.eval()
         info = {"layers": [l.as_dict() for l in layers], "config": dataclasses.asdict(cfg),
                 "epochs_run": len(history), "stopped_early": len(history) < cfg.optim.epochs and distill,
-                "unlabeled_images": len(data), "training_images": len(train), "monitor_images": int(n_mon),
+                "unlabeled_images": len(data) - synthesized, "synthesized_images": synthesized,
+                "training_images": len(train), "monitor_images": int(n_mon),
                 "seconds": time.time() - t0}
         return DefenseResult(student, history, info)
 
@@ -347,6 +418,7 @@ class BCU(Defense):
 
     Config = CleanseConfig
     uses_labels = False
+    synthesizes = True  # without images it inverts the teacher (bcu.defenses.synthesis)
     reinit = True
     distill = True
 
