@@ -102,7 +102,7 @@ def test_bank_apply_perturbs_exactly_the_first_n_images(kind):
     cfg = AdversaryConfig(kind=kind, bank=4, budget=9.0, radius=1.0)
     bank = Bank(cfg, (3, 8, 8), seed=1)
     x = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.8 + 0.1
-    out = bank.apply(x, 4, torch.Generator().manual_seed(3))
+    out = bank.apply(x, 4, torch.Generator().manual_seed(3)).detach()
     assert out.shape == x.shape
     assert torch.equal(out[4:], x[4:])  # bit-identical
     moved = (out[:4] - x[:4]).flatten(1).abs().amax(1)
@@ -138,7 +138,7 @@ def test_ascent_raises_the_loss_and_stays_in_the_budget(kind):
         out = bank.apply(x, 4, torch.Generator().manual_seed(i))
         loss = (out * w).sum()
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] > losses[0] + 1.0
     state = bank.state_dict()  # flushes the last pending step
     if kind == "patch":
