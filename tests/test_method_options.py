@@ -433,7 +433,7 @@ def test_adam_couples_and_adamw_decouples_the_weight_decay():
         opt = OptimConfig(optimizer=name, lr=0.1, weight_decay=0.5).build([p])
         p.grad = torch.zeros(1)
         opt.step()
-        out[name] = float(p)
+        out[name] = float(p.detach())
     assert out["adam"] == pytest.approx(0.9, abs=1e-4)
     assert out["adamw"] == pytest.approx(0.95, abs=1e-6)
 
