@@ -96,8 +96,10 @@ class Bank:
     # -- the training step's side ------------------------------------------------------------------
     def apply(self, x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
         """``x`` with a random member of the bank applied to its first ``n`` images; the gradient the
-        loss leaves on the perturbation is kept for the next ascent step."""
+        loss leaves on the perturbation is kept for the next ascent step. ``n`` beyond the batch
+        (a share of a full batch asked of its perturbable head) perturbs every image of ``x``."""
         self.ascend()
+        n = min(int(n), x.shape[0])
         if n <= 0:
             return x
         idx = torch.randint(0, self.cfg.bank, (n,), generator=generator)

@@ -99,20 +99,33 @@ def trace_layers(model: nn.Module, input_shape: Sequence[int]) -> List[TracedLay
     if not layers:
         raise ModelError("the model has no weight layers to re-initialise")
     seen: Dict[str, TracedLayer] = {}
+    entered: Dict[str, int] = {}
     hooks = []
+
+    # ordered by when a layer's forward *starts*: a container that owns parameters itself (a ViT's
+    # class token and position embeddings) finishes after its children, and would otherwise be
+    # taken for the head in place of the classifier
+    def make_pre_hook(name: str):
+        def pre(_m, _inp):
+            entered.setdefault(name, len(entered))
+        return pre
 
     def make_hook(name: str, mod: nn.Module):
         def hook(_m, _inp, out):
             if name not in seen:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
-                seen[name] = TracedLayer(name, type(mod).__name__, len(seen), shape,
+                seen[name] = TracedLayer(name, type(mod).__name__, entered[name], shape,
                                          sum(p.numel() for p in mod.parameters(recurse=False)))
         return hook
 
     for name, mod in layers.items():
+        hooks.append(mod.register_forward_pre_hook(make_pre_hook(name)))
         hooks.append(mod.register_forward_hook(make_hook(name, mod)))
     dry_run(model, input_shape, hooks)
-    return sorted(seen.values(), key=lambda layer: layer.order)
+    out = sorted(seen.values(), key=lambda layer: layer.order)
+    for i, layer in enumerate(out):
+        layer.order = i
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
