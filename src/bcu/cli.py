@@ -138,13 +138,44 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
     done = workflows.cleanse(args.model, args.data, args.out, cfg, split_name=args.split, stream=args.stream,
                              max_images=args.max_images, test_data=args.test_data, attack_spec=args.attack,
                              config_path=args.config, model_options=model_options(args), overwrite=args.overwrite,
-                             resume=args.resume, device=args.device, progress=args.progress)
+                             resume=args.resume, device=args.device, progress=args.progress, strict=args.strict,
+                             log=lambda line: print(line, file=sys.stderr))
     if done.out is None:  # a torchrun rank > 0: rank 0 writes and prints
         return 0
     print(f"cleansed model written to {clean(done.out)}/ (report: {clean(done.out)}/report.md)")
     if done.scores:
         print(scores_table(done.scores))
     return 0
+
+
+def cmd_inspect_data(args: argparse.Namespace) -> int:
+    _setup_runtime(args)
+    diagnosis, model = workflows.inspect_data(args.model, args.data, split_name=args.split, stream=args.stream,
+                                              max_images=args.max_images, json_out=args.json,
+                                              overwrite=args.overwrite, model_options=model_options(args),
+                                              device=args.device)
+    for line in diagnosis.lines(model.spec.classes):
+        print(line)
+    print("verdict: suited" if diagnosis.ok else "verdict: unsuited (see the warnings)")
+    if args.strict:
+        workflows.strict_check(diagnosis, args.data)
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    _setup_runtime(args)
+    cfg = workflows.scan_config(args.config, args.set)
+    result = workflows.scan_model(args.model, args.data, split_name=args.split, cfg=cfg, json_out=args.json,
+                                  overwrite=args.overwrite, model_options=model_options(args), device=args.device)
+    for c in result.classes:
+        if c.l1 is None:
+            print(f"  class {c.name:>12s}: not scanned (the model predicts it for almost every image)")
+            continue
+        ratio = f"{c.ratio:5.1f}" if c.ratio is not None else "    -"
+        index = f"{c.index:5.2f}" if c.index is not None else "    -"
+        print(f"  class {c.name:>12s}: stamp {c.l1:7.1f} px, flips {c.flip:5.1f}%, size ratio {ratio}, index {index}")
+    print(result.summary())
+    return 3 if (args.strict and result.flagged is not None) else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -254,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cleanse", help="cleanse a suspicious model with unlabeled images")
     c.add_argument("--model", required=True, help="model folder, .safetensors (+ sidecar) or .pt/.pth state dict")
-    c.add_argument("--data", required=True, help="unlabeled images: folder, .npz, idx folder, CIFAR folder, fashion-mnist")
+    c.add_argument("--data", required=True, help="unlabeled images: folder, .npz, idx folder, CIFAR folder, "
+                   "fashion-mnist; or 'none' for no images at all (bcu synthesizes them from the model)")
+    c.add_argument("--strict", action="store_true", help="refuse images the diagnosis finds unsuited "
+                   "(see `bcu inspect-data`) instead of warning")
     c.add_argument("--split", default="train", choices=["train", "test"], help="which split of a split data set")
     add_output(c)
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
@@ -272,6 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(c)
     add_runtime(c)
     c.set_defaults(func=cmd_cleanse)
+
+    ins = sub.add_parser("inspect-data", help="diagnose unlabeled images against a model before a cleanse "
+                         "(label-free: predicted classes, confidence, BatchNorm statistics)")
+    ins.add_argument("--model", required=True)
+    ins.add_argument("--data", required=True, help="unlabeled images (any --data of `bcu cleanse`)")
+    ins.add_argument("--split", default="train", choices=["train", "test"])
+    ins.add_argument("--stream", action="store_true", help="read --data from disk batch by batch")
+    ins.add_argument("--max-images", type=int, help="diagnose at most this many (default 5000, a seeded subset)")
+    ins.add_argument("--json", help="also write the diagnosis to this JSON file")
+    ins.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    ins.add_argument("--strict", action="store_true", help="exit non-zero when the images are unsuited")
+    add_model_options(ins)
+    add_runtime(ins)
+    ins.set_defaults(func=cmd_inspect_data)
+
+    sc = sub.add_parser("scan", help="label-free trigger scan: is there a class that a tiny stamp reaches? "
+                        "(Neural Cleanse with the model's own predictions)")
+    sc.add_argument("--model", required=True)
+    sc.add_argument("--data", required=True, help="unlabeled images")
+    sc.add_argument("--split", default="train", choices=["train", "test"])
+    add_config(sc)
+    sc.add_argument("--json", help="also write the scan to this JSON file")
+    sc.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    sc.add_argument("--strict", action="store_true", help="exit with code 3 when a class is flagged")
+    add_model_options(sc)
+    add_runtime(sc)
+    sc.set_defaults(func=cmd_scan)
 
     e = sub.add_parser("evaluate", help="ACC, ASR, RA (and DER against the original model)")
     e.add_argument("--model", required=True)

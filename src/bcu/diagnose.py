@@ -39,7 +39,10 @@ class DiagnosisConfig:
     min_images: int = 20       # ... or at least this many, to count as taught
     min_effective: float = 0.7  # warn below this fraction of K effective classes
     min_confidence: float = 0.6  # warn below this mean top-1 probability
-    max_bn_shift: float = 0.5  # warn above this mean BatchNorm KL
+    # warn above this mean BatchNorm KL; measured on cnn-small (docs/method.md): held-out Fashion-MNIST 0.002,
+    # half of its classes 0.018, animal silhouettes 0.036, handwritten digits 0.10, the synthetic task 0.36
+    # (and 0.025 on the held-out images of a 6-epoch model of the synthetic task): 0.08 leaves 3x room above those
+    max_bn_shift: float = 0.08
     images: int = 5000         # diagnose at most this many images (a deterministic subset)
 
 

@@ -67,6 +67,19 @@ def layers_table(layers: List[Dict[str, Any]]) -> str:
                             f"{100 * l['dropped_fraction']:.1f}"] for l in layers])
 
 
+def diagnosis_table(diag: Dict[str, Any]) -> str:
+    """The label-free diagnosis (bcu.diagnose) as a Markdown table."""
+    rows = [("images diagnosed", str(diag["images"])),
+            ("classes the model predicts on them", f"{sum(1 for c in diag['predicted'] if c > 0)} of {diag['num_classes']}"),
+            ("effective number of classes", f"{diag['effective_classes']:.2f} (of {diag['num_classes']})"),
+            ("classes they cannot teach", ", ".join(map(str, diag["untaught"])) or "none"),
+            ("mean confidence (top-1 probability)", f"{diag['confidence']:.3f}")]
+    if diag.get("bn_shift") is not None:
+        rows.append(("BatchNorm statistics shift (mean KL)", f"{diag['bn_shift']:.3f}"))
+    rows.append(("verdict", "suited" if diag.get("ok") else "see the warnings"))
+    return "\n".join(["| measure | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
+
+
 def write_cleanse_report(out: Path, report: Dict[str, Any], history: List[Dict[str, Any]]) -> None:
     """report.json, report.md and curves.png in ``out``."""
     atomic_write_json(out / "report.json", report)
@@ -78,12 +91,18 @@ def write_cleanse_report(out: Path, report: Dict[str, Any], history: List[Dict[s
             md += [f"DER: {report['der']:.2f} %", ""]
     md += ["## Run", "",
            f"- input model: `{report['input']['model']}` (sha256 `{report['input']['sha256'][:16]}…`)",
-           f"- unlabeled images: {report['input']['images']} from `{report['input']['data']}` "
-           f"(manifest sha256 `{report['input']['data_sha256'][:16]}…`); labels read: none",
+           (f"- unlabeled images: {report['input']['images']} from `{report['input']['data']}` "
+            f"(manifest sha256 `{report['input']['data_sha256'][:16]}…`); labels read: none"
+            if report['input'].get('data_sha256') else
+            f"- no unlabeled images: {report.get('synthesized_images', 0)} synthesized from the model; labels read: none"),
            f"- output model sha256 `{report['output']['sha256'][:16]}…`",
            f"- epochs run: {report['epochs_run']} of {report['config']['optim']['epochs']}"
            + (" (stopped by the label-free rule)" if report.get("stopped_early") else ""),
            f"- seconds: {report['seconds']:.1f}", ""]
+    diag = report.get("data_diagnosis")
+    if diag:
+        md += ["## The unlabeled images, diagnosed before the cleanse", "", diagnosis_table(diag), ""]
+        md += [f"**Warning:** {w}" for w in diag.get("warnings", [])] + ([""] if diag.get("warnings") else [])
     if has_plot:
         md += ["## Distillation", "", "![loss and agreement per epoch](curves.png)", ""]
     if history:

@@ -33,12 +33,14 @@ from .data.imageset import ImageSet, Images, pixel_stats, split, take
 from .data.load import fashion_mnist_dir, is_fashion_mnist, load_dataset
 from .defenses import DEFENSES, CleanseConfig, Cleanser, create_defense, preset
 from .defenses.base import DefenseResult
+from .diagnose import DataDiagnosis, DiagnosisConfig, diagnose
 from .errors import ConfigError, DataError, Interrupted, ModelError
 from .metrics import accuracy, attack_scores, der
 from .models import Classifier, check_images, create_model
 from .output import OutputDir, OutputFile, atomic_write_bytes, atomic_write_json
 from .report import write_cleanse_report
 from .resume import fingerprint
+from .scan import ScanConfig, ScanResult, scan
 from .train import OptimConfig
 from .version import __version__
 
@@ -227,11 +229,12 @@ def cleanse_config(preset_name: str = "default", config: Optional[PathLike] = No
 
 def cleanse_report(*, command: str, model: str, model_sha256: str, data: str, images: int, data_sha256: str,
                    output_sha256: str, scores: Optional[Dict[str, Dict[str, Any]]], der_value: Optional[float],
-                   result: DefenseResult) -> Dict[str, Any]:
+                   result: DefenseResult, diagnosis: Optional[DataDiagnosis] = None) -> Dict[str, Any]:
     """The report.json of a cleanse (report.md and curves.png are drawn from it)."""
     return {"bcu_version": __version__, "command": command,
             "input": {"model": model, "sha256": model_sha256, "data": data, "images": images,
                       "data_sha256": data_sha256, "labels_read": False},
+            "data_diagnosis": diagnosis.as_dict() if diagnosis is not None else None,
             "output": {"sha256": output_sha256}, "scores": scores or None, "der": der_value,
             **result.info, "history": result.history}
 
@@ -254,21 +257,106 @@ class CleanseOutcome:
     scores: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
+NO_DATA = "none"  # ``--data none``: no unlabeled images at all; bcu synthesizes them from the model
+
+
+def diagnosis_of(model: Classifier, images: Images, device: str = "cpu",
+                 cfg: Optional[DiagnosisConfig] = None) -> DataDiagnosis:
+    """The label-free diagnosis (:mod:`bcu.diagnose`) of ``images`` against ``model``, on a seeded
+    subset of at most ``cfg.images`` of them."""
+    cfg = cfg or DiagnosisConfig()
+    sample = take(images, cfg.images, seed=0)
+    return diagnose(model, sample.images[:], model.spec.num_classes, device, cfg)
+
+
+def strict_check(diagnosis: DataDiagnosis, data: str) -> None:
+    """``--strict``: unsuited unlabeled images end the command before any output is written."""
+    if not diagnosis.ok:
+        raise DataError(f"--strict: {data} is unsuited to cleanse this model: {diagnosis.warnings[0]}"
+                        + (f" (and {len(diagnosis.warnings) - 1} more warnings)" if len(diagnosis.warnings) > 1 else ""))
+
+
+def inspect_data(model_path: PathLike, data: str, *, split_name: str = "train", stream: bool = False,
+                 max_images: Optional[int] = None, json_out: Optional[PathLike] = None, overwrite: bool = False,
+                 model_options: Optional[Dict[str, Any]] = None, device: str = "cpu") -> Tuple[DataDiagnosis, Classifier]:
+    """``bcu inspect-data``: the diagnosis alone (nothing is trained)."""
+    out_file = None
+    if json_out:
+        out_file = OutputFile(json_out, overwrite=overwrite, flag="--json",
+                              inputs=command_inputs(data, models=[model_path])).check()
+    model, info = load_model(model_path, **(model_options or {}))
+    images = load_dataset(data, split=split_name, labels=False, stream=stream)
+    require_images(model, images, data)
+    cfg = DiagnosisConfig(images=max_images) if max_images else DiagnosisConfig()
+    diagnosis = diagnosis_of(model, images, device, cfg)
+    if out_file is not None:
+        out_file.write_json({"bcu_version": __version__, "model": str(model_path), "sha256": info["sha256"],
+                             "data": str(data), "data_sha256": images.fingerprint(), **diagnosis.as_dict()})
+    return diagnosis, model
+
+
+def scan_config(config: Optional[PathLike] = None, sets: Sequence[str] = ()) -> ScanConfig:
+    """The scan's options: a config file (its ``scan`` section or the whole file), then ``--set scan.KEY=VALUE``."""
+    over: Dict[str, Any] = {}
+    if config:
+        data = load_file(config)
+        over = dict(data.get("scan", data))
+    over = deep_merge(over, parse_overrides(sets).get("scan", {}))
+    return from_dict(ScanConfig, over)
+
+
+def scan_model(model_path: PathLike, data: str, *, split_name: str = "train", cfg: Optional[ScanConfig] = None,
+               json_out: Optional[PathLike] = None, overwrite: bool = False,
+               model_options: Optional[Dict[str, Any]] = None, device: str = "cpu") -> ScanResult:
+    """``bcu scan``: the label-free trigger scan (:mod:`bcu.scan`) of a model with unlabeled images."""
+    out_file = None
+    if json_out:
+        out_file = OutputFile(json_out, overwrite=overwrite, flag="--json",
+                              inputs=command_inputs(data, models=[model_path])).check()
+    model, info = load_model(model_path, **(model_options or {}))
+    images = load_dataset(data, split=split_name, labels=False)
+    require_images(model, images, data)
+    cfg = cfg or ScanConfig()
+    result = scan(model, take(images, cfg.images, seed=cfg.seed).images[:], cfg, device,
+                  classes=model.spec.classes, num_classes=model.spec.num_classes)
+    if out_file is not None:
+        out_file.write_json({"bcu_version": __version__, "model": str(model_path), "sha256": info["sha256"],
+                             "data": str(data), "summary": result.summary(), **result.as_dict()})
+    return result
+
+
 def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, *, split_name: str = "train",
             stream: bool = False, max_images: Optional[int] = None, test_data: Optional[str] = None,
             attack_spec: Optional[str] = None, config_path: Optional[PathLike] = None,
             model_options: Optional[Dict[str, Any]] = None, overwrite: bool = False, resume: bool = False,
-            device: str = "cpu", progress: Optional[bool] = None, command: Optional[str] = None) -> CleanseOutcome:
+            device: str = "cpu", progress: Optional[bool] = None, command: Optional[str] = None,
+            strict: bool = False, log: Optional[Any] = None) -> CleanseOutcome:
     """``bcu cleanse``: bcu on unlabeled images (never their labels); under torchrun every rank trains
-    its shard and rank 0 alone writes (docs/distributed.md)."""
+    its shard and rank 0 alone writes (docs/distributed.md). ``data`` ``"none"``: no images, bcu
+    synthesizes them from the model. Before the cleanse the images are diagnosed
+    (:func:`diagnosis_of`), the diagnosis goes to ``log`` and into the report, and ``strict`` refuses
+    unsuited images."""
     model, info = load_model(model_path, **(model_options or {}))
-    images = load_dataset(data, split=split_name, labels=False, progress=bool(progress), stream=stream)
-    if max_images is not None:
-        if max_images < 1:
-            raise ConfigError(f"--max-images must be >= 1, got {max_images}")
-        images = take(images, max_images, seed=cfg.seed)
-    require_images(model, images, data)
+    diagnosis: Optional[DataDiagnosis] = None
+    if data == NO_DATA and not os.path.lexists(data):
+        images: Optional[Images] = None
+        if stream or max_images is not None:
+            raise ConfigError("--stream and --max-images need images; --data none has none")
+    else:
+        images = load_dataset(data, split=split_name, labels=False, progress=bool(progress), stream=stream)
+        if max_images is not None:
+            if max_images < 1:
+                raise ConfigError(f"--max-images must be >= 1, got {max_images}")
+            images = take(images, max_images, seed=cfg.seed)
+        require_images(model, images, data)
     device = dist.device_for(device)  # under torchrun: one GPU per process
+    if images is not None and dist.is_main():
+        diagnosis = diagnosis_of(model, images, device)
+        if log is not None:
+            for line in diagnosis.lines(model.spec.classes):
+                log(line)
+        if strict:
+            strict_check(diagnosis, data)
     if not dist.is_main():
         dist.init(device)
         Cleanser(cfg).run(model, images, device=device, progress=False)
@@ -281,9 +369,9 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
         require_images(model, test, test_data)
         if attack_spec:
             atk = attack_from_spec(attack_spec, {}, model.spec.input_shape, model.spec.num_classes)
-    data_sha = images.fingerprint()
-    values = {"command": "cleanse", "model_sha256": info["sha256"], "data_sha256": data_sha, "images": len(images),
-              "config": dataclasses.asdict(cfg)}
+    data_sha = images.fingerprint() if images is not None else None
+    values = {"command": "cleanse", "model_sha256": info["sha256"], "data_sha256": data_sha,
+              "images": len(images) if images is not None else 0, "config": dataclasses.asdict(cfg)}
     scores: Dict[str, Dict[str, Any]] = {}
     with OutputDir(out, overwrite=overwrite, resume=resume, kind="cleanse",
                    inputs=command_inputs(data, test_data, attack_spec, config_path, models=[model_path])) as o, \
@@ -297,8 +385,10 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
         if test is not None:
             scores, der_value = before_after(model, result.model, test, atk, device)
         report = cleanse_report(command=command or "bcu " + " ".join(sys.argv[1:]), model=str(model_path),
-                                model_sha256=info["sha256"], data=str(data), images=len(images), data_sha256=data_sha,
-                                output_sha256=sidecar["sha256"], scores=scores, der_value=der_value, result=result)
+                                model_sha256=info["sha256"], data=str(data),
+                                images=len(images) if images is not None else 0, data_sha256=data_sha,
+                                output_sha256=sidecar["sha256"], scores=scores, der_value=der_value, result=result,
+                                diagnosis=diagnosis)
         write_cleanse_report(o.path, report, result.history)
         final = o.commit()
     dist.barrier()
