@@ -350,13 +350,6 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
             images = take(images, max_images, seed=cfg.seed)
         require_images(model, images, data)
     device = dist.device_for(device)  # under torchrun: one GPU per process
-    if images is not None and dist.is_main():
-        diagnosis = diagnosis_of(model, images, device)
-        if log is not None:
-            for line in diagnosis.lines(model.spec.classes):
-                log(line)
-        if strict:
-            strict_check(diagnosis, data)
     if not dist.is_main():
         dist.init(device)
         Cleanser(cfg).run(model, images, device=device, progress=False)
@@ -376,6 +369,13 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
     with OutputDir(out, overwrite=overwrite, resume=resume, kind="cleanse",
                    inputs=command_inputs(data, test_data, attack_spec, config_path, models=[model_path])) as o, \
             fingerprint(values):
+        if images is not None:  # after the output checks, before any work; an error leaves no staging behind
+            diagnosis = diagnosis_of(model, images, device)
+            if log is not None:
+                for line in diagnosis.lines(model.spec.classes):
+                    log(line)
+            if strict:
+                strict_check(diagnosis, data)
         try:
             result = Cleanser(cfg).run(model, images, device=device, progress=progress, resume_dir=o.resume_dir)
         except Interrupted as e:
