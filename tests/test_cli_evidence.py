@@ -61,7 +61,7 @@ def test_cleanse_strict_refuses_before_writing_and_warns_without(attacked, one_c
     capsys.readouterr()
     assert main(["cleanse", "--model", str(attacked), "--data", str(one_class), "--out", str(out),
                  "--epochs", "1", "--batch-size", "32", *T]) == 0
-    assert "warning:" in capsys.readouterr().err
+    assert "warning:" in capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
     assert rep["data_diagnosis"]["ok"] is False and len(rep["data_diagnosis"]["untaught"]) >= 5
     md = (out / "report.md").read_text()

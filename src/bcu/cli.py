@@ -139,7 +139,7 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
                              max_images=args.max_images, test_data=args.test_data, attack_spec=args.attack,
                              config_path=args.config, model_options=model_options(args), overwrite=args.overwrite,
                              resume=args.resume, device=args.device, progress=args.progress, strict=args.strict,
-                             log=lambda line: print(line, file=sys.stderr))
+                             log=print)
     if done.out is None:  # a torchrun rank > 0: rank 0 writes and prints
         return 0
     print(f"cleansed model written to {clean(done.out)}/ (report: {clean(done.out)}/report.md)")

@@ -155,8 +155,8 @@ def diagnose(model: nn.Module, images: torch.Tensor, num_classes: Optional[int] 
     warnings = []
     if untaught:
         warnings.append(f"the model predicts {len(untaught)} of {k} classes for almost none of these images "
-                        f"(classes {', '.join(map(str, untaught))}: fewer than {need} images each); distillation "
-                        f"cannot teach them, so expect the cleansed model to lose them")
+                        f"(classes {', '.join(map(str, untaught))}: fewer than {need} image{'s' if need > 1 else ''} each); "
+                        f"distillation cannot teach them, so expect the cleansed model to lose them")
     if eff < cfg.min_effective * k:
         warnings.append(f"the predicted classes are uneven (effective number {eff:.2f} of {k})")
     if conf < cfg.min_confidence:
