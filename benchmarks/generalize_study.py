@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 import yaml
 
 from bcu.bench import load_config, run_bench
-from bcu.output import atomic_write_json
+from bcu.output import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS_FILE = ROOT / "benchmarks" / "study_variants.yaml"
@@ -31,6 +31,28 @@ VARIANTS_FILE = ROOT / "benchmarks" / "study_variants.yaml"
 
 def variants() -> Dict[str, Dict[str, Any]]:
     return yaml.safe_load(VARIANTS_FILE.read_text()) or {}
+
+
+def collect(out: Path, dest: Path) -> int:
+    """Every finished study cell of ``out`` as one JSON row (with the command that reproduces it)."""
+    table = variants()
+    rows = []
+    for f in sorted((out / "cells").glob("*.json")):
+        r = json.loads(f.read_text())
+        if r.get("status") != "ok" or not r["defense"].startswith("bcu@"):
+            continue
+        name = r["defense"][4:]
+        rows.append({k: r.get(k) for k in ("arch", "attack", "seed", "defense", "acc_before", "asr_before", "acc",
+                                           "asr", "ra", "der", "seconds", "command")}
+                    | {"split": "dev", "variant": name, "options": table.get(name)})
+    rows.sort(key=lambda r: (r["arch"], r["attack"], r["variant"], r["seed"]))
+    atomic_write_json(dest, rows)
+    md = ["| arch | attack | variant | seed | teacher ACC / ASR | ACC drop | ASR | s |", "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['arch']} | {r['attack']} | {r['variant']} | {r['seed']} | {r['acc_before']:.2f} / {r['asr_before']:.2f} "
+           f"| {r['acc_before'] - r['acc']:.2f} | {r['asr']:.2f} | {r['seconds']:.0f} |" for r in rows]
+    atomic_write_text(dest.with_suffix(".md"), "\n".join(md) + "\n")
+    print(f"{len(rows)} rows -> {dest} (+ {dest.with_suffix('.md').name})")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -45,7 +67,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", help="append the rows to this JSON list (created if missing)")
+    ap.add_argument("--collect", metavar="JSON", help="run nothing: write every finished cell of --out to this JSON "
+                    "list (docs/results/generalize-dev-study.json) and a Markdown table next to it")
     args = ap.parse_args(argv)
+    if args.collect:
+        return collect(Path(args.out), Path(args.collect))
     cfg = load_config(args.config)
     if "eval" in cfg.name:
         raise SystemExit("the study runs on the development half only")
