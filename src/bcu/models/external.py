@@ -237,7 +237,7 @@ def hub_config_bytes(net: nn.Module, arch: str, input_shape: Tuple[int, int, int
     prefix, _ = split_arch(arch)
     if prefix != "timm":
         raise ConfigError(f"--out-format hub writes timm's layout: it needs a timm:NAME architecture, not {arch!r}")
-    from timm.models import save_config_for_hf
+    from timm.models._hub import save_config_for_hf  # timm 1.0.x: the exporter save_for_hf uses
     data_config = {"input_size": tuple(int(v) for v in input_shape), "mean": tuple(mean), "std": tuple(std),
                    "crop_pct": 1.0, "interpolation": "bilinear"}
     model_config = {"label_names": list(classes)} if classes else None

@@ -160,8 +160,8 @@ def create_model(arch: str, num_classes: int = 10, input_shape: Tuple[int, int, 
                  mean: Tuple[float, ...] = (0.0,), std: Tuple[float, ...] = (1.0,),
                  classes: Optional[List[str]] = None, **kwargs: Any) -> Classifier:
     """Build a registered architecture wrapped with its input normalisation (timm-style)."""
-    spec = ModelSpec(arch if ":" in arch else arch.lower(), num_classes, tuple(int(v) for v in input_shape), tuple(mean), tuple(std),
-                     dict(kwargs), classes)
+    name = arch if ":" in arch else arch.lower()
+    spec = ModelSpec(name, num_classes, tuple(int(v) for v in input_shape), tuple(mean), tuple(std), dict(kwargs), classes)
     return build(spec)
 
 
