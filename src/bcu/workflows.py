@@ -255,7 +255,7 @@ def before_after(teacher: nn.Module, cleansed: nn.Module, test: ImageSet, attack
     return {"teacher": before.as_dict(), "cleansed": after.as_dict()}, der(before, after)
 
 
-def check_out_format(out_format: str, model_options: Optional[Dict[str, Any]], model_path: Any = None) -> None:
+def check_out_format(out_format: str, model_options: Optional[Dict[str, Any]]) -> None:
     """``--out-format hub`` writes timm's layout: refused up front for an architecture timm cannot load."""
     if out_format not in OUT_FORMATS:
         raise ConfigError(f"--out-format must be one of {', '.join(OUT_FORMATS)}, got {out_format!r}")
@@ -361,7 +361,7 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
     unsuited images. ``out_format="hub"`` also writes timm's ``config.json`` (a ``timm:NAME`` model);
     ``scan_cfg`` runs the label-free trigger scan (:mod:`bcu.scan`) on the teacher and the cleansed
     model with the unlabeled images, into the report and the model card (``README.md``)."""
-    check_out_format(out_format, model_options, model_path)
+    check_out_format(out_format, model_options)
     model, info = load_model(model_path, **(model_options or {}))
     check_out_format(out_format, {"arch": model.spec.arch})
     if scan_cfg is not None and data == NO_DATA and not os.path.lexists(data):
