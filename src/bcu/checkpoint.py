@@ -22,9 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .config import from_dict
+from .config import from_dict, yaml_load
 from .errors import ConfigError, ModelError, show
-from .models import Classifier, ModelSpec, build
+from .models import (HUB_CONFIG, Classifier, ModelSpec, build, hub_config_bytes, library_normalization,
+                     spec_from_hub_config)
 from .output import atomic_write_bytes, atomic_write_json
 from . import untrusted
 from .untrusted import human, open_regular, parse_json, read_bounded
@@ -52,9 +53,18 @@ def sha256_file(path: Union[str, Path]) -> str:
 # saving
 
 
+OUT_FORMATS = ("bcu", "hub")
+
+
 def save_model(model: Classifier, directory: Union[str, Path], extra: Optional[Mapping[str, Any]] = None,
-               name: str = "model") -> Dict[str, Any]:
-    """Write ``<name>.safetensors`` and ``<name>.json`` (spec + SHA-256) into ``directory``."""
+               name: str = "model", out_format: str = "bcu") -> Dict[str, Any]:
+    """Write ``<name>.safetensors`` and ``<name>.json`` (spec + SHA-256) into ``directory``.
+
+    ``out_format="hub"`` (a ``timm:NAME`` model) also writes timm's ``config.json`` beside them: the
+    folder is then a Hub-style folder that ``timm.create_model('local-dir:DIR', pretrained=True)``
+    loads, with the same ``model.safetensors`` (its keys are the bare network's, as timm's)."""
+    if out_format not in OUT_FORMATS:
+        raise ConfigError(f"--out-format must be one of {', '.join(OUT_FORMATS)}, got {show(out_format)}")
     if not isinstance(model, Classifier):
         raise ModelError("save_model needs a bcu Classifier (use bcu.models.create_model, or bcu.models.Classifier(net, "
                          "spec) around a network of your own)")
@@ -64,8 +74,14 @@ def save_model(model: Classifier, directory: Union[str, Path], extra: Optional[M
     digest = sha256_bytes(data)
     sidecar = {"format": FORMAT, "bcu_version": __version__, **dataclasses.asdict(model.spec),
                "sha256": digest, **dict(extra or {})}
+    hub = None
+    if out_format == "hub":
+        spec = model.spec
+        hub = hub_config_bytes(model.net, spec.arch, spec.input_shape, spec.mean, spec.std, spec.classes)
     atomic_write_bytes(directory / f"{name}.safetensors", data)
     atomic_write_json(directory / f"{name}.json", sidecar)
+    if hub is not None:
+        atomic_write_bytes(directory / HUB_CONFIG, hub)
     return sidecar
 
 
@@ -74,12 +90,16 @@ def save_model(model: Classifier, directory: Union[str, Path], extra: Optional[M
 
 
 def resolve_model_path(path: Union[str, Path]) -> Tuple[Path, Optional[Path]]:
-    """(weights file, sidecar or None) for a model folder, a .safetensors file, or a torch file."""
+    """(weights file, sidecar or None) for a model folder, a .safetensors file, or a torch file.
+
+    A folder's sidecar is bcu's ``model.json``, else a Hub-style ``config.json`` (timm's layout)."""
     p = Path(path)
     if p.is_dir():
         w = p / WEIGHTS_NAME
         if not w.is_file():
             raise ModelError(f"{p} holds no {WEIGHTS_NAME}")
+        if not (p / SIDECAR_NAME).exists() and (p / HUB_CONFIG).exists():
+            return w, p / HUB_CONFIG
         return w, p / SIDECAR_NAME
     if not p.exists():
         raise ModelError(f"model {p} does not exist")
@@ -271,14 +291,28 @@ def _is_last(state: Mapping[str, torch.Tensor], key: str) -> bool:
     return key in keys[-2:]
 
 
+def read_hub_config(path: Path) -> Dict[str, Any]:
+    """The sidecar fields of a Hub-style folder's ``config.json`` (untrusted: bounded, every field checked)."""
+    data = parse_json(read_bounded(path, untrusted.MAX_SIDECAR_BYTES, "model configs", ModelError), f"{path}",
+                      ModelError)
+    return spec_from_hub_config(data, str(path))
+
+
 def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: Optional[int] = None,
                input_shape: Optional[Tuple[int, int, int]] = None, mean: Optional[Tuple[float, ...]] = None,
-               std: Optional[Tuple[float, ...]] = None, **kwargs: Any) -> Tuple[Classifier, Dict[str, Any]]:
-    """Load a model safely. Returns (model in eval mode, info with 'sha256' and 'sidecar').
+               std: Optional[Tuple[float, ...]] = None, norm: Optional[str] = None,
+               **kwargs: Any) -> Tuple[Classifier, Dict[str, Any]]:
+    """Load a model safely. Returns (model in eval mode, info with 'sha256', 'sidecar', 'path', 'format').
 
     A safetensors file needs its sidecar (or ``arch`` and friends); a torch state dict needs
-    ``arch`` unless a sidecar with the same stem sits beside it. Explicit arguments override the
-    sidecar, and any disagreement between the weights and the architecture is a ModelError.
+    ``arch`` unless a sidecar with the same stem sits beside it; a Hub-style folder
+    (``config.json`` + ``model.safetensors``, as timm writes it) describes itself. Explicit
+    arguments override the sidecar (``kwargs`` are constructor options, ``--arch-opt``), ``norm``
+    (``"timm"``, ``"torchvision"``) takes mean/std from the library's pretrained config, and any
+    disagreement between the weights and the architecture is a ModelError.
+
+    >>> model, info = load_model("resnet18.pt", arch="torchvision:resnet18", num_classes=10,
+    ...                          input_shape=(3, 32, 32), norm="torchvision")       # doctest: +SKIP
     """
     weights, side = resolve_model_path(path)
     suffix = weights.suffix.lower()
@@ -290,7 +324,10 @@ def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: 
         raise ModelError(f"{weights}: unsupported model file (use .safetensors with a sidecar, or "
                          f"{'/'.join(TORCH_EXTENSIONS)} with --arch)")
     sidecar: Dict[str, Any] = {}
-    if side is not None and side.is_file():
+    hub = side is not None and side.name == HUB_CONFIG
+    if hub:
+        sidecar = read_hub_config(side)
+    elif side is not None and side.is_file():
         sidecar = read_sidecar(side)
     elif arch is None:
         raise ModelError(f"{weights} has no sidecar {weights.with_suffix('.json').name}; pass --arch "
@@ -306,8 +343,22 @@ def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: 
         raise ModelError(f"{side or 'model options'}: kwargs: expected a table, got {show(merged['kwargs'])}")
     if kwargs:
         merged["kwargs"] = {**merged.get("kwargs", {}), **kwargs}
+    if norm is not None:
+        if mean is not None or std is not None:
+            raise ModelError("give --norm or --mean/--std, not both")
+        if not isinstance(merged.get("arch"), str):
+            raise ModelError(f"--norm {norm} needs an architecture (--arch)")
+        shape = merged.get("input_shape") or (1,)
+        try:
+            merged["mean"], merged["std"] = library_normalization(merged["arch"], int(shape[0]), norm)
+        except ConfigError as e:
+            raise ModelError(str(e)) from None
     if "mean" in merged and "std" not in merged or "std" in merged and "mean" not in merged:
         raise ModelError("give both mean and std for the input normalisation")
+    if hub:
+        for key, flag in (("input_shape", "--input-shape"), ("mean", "--mean/--std or --norm timm")):
+            if key not in merged:
+                raise ModelError(f"{side} records no {key} (pretrained_cfg); pass {flag}")
     spec = spec_from_sidecar(merged, str(side) if side else "model options")
     state = _strip_prefixes(state)
     check_finite(state, str(weights))  # dtypes and NaN/Inf before anything is built
@@ -317,4 +368,53 @@ def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: 
         raise ModelError(str(e)) from None
     load_state_into(model, state, str(weights))
     model.eval()
-    return model, {"sha256": digest, "sidecar": sidecar, "path": str(weights)}
+    return model, {"sha256": digest, "sidecar": {} if hub else sidecar, "path": str(weights),
+                   "format": "hub" if hub else ("bcu" if sidecar else "state dict")}
+
+
+# --------------------------------------------------------------------------------------------------
+# verifying a model folder: the card and timm's config.json against the weights
+
+CARD_NAME = "README.md"
+
+
+def card_metadata(path: Path) -> Optional[Dict[str, Any]]:
+    """The YAML front matter of a model card (``README.md``), or None when the file has none."""
+    text = read_bounded(path, untrusted.MAX_SIDECAR_BYTES, "model cards", ModelError).decode("utf-8", "replace")
+    if not text.startswith("---\n"):
+        return None
+    end = text.find("\n---", 4)
+    if end < 0:
+        raise ModelError(f"model card {path}: the front matter (--- ... ---) is not closed")
+    try:
+        meta = yaml_load(text[4:end], f"model card {path}")
+    except ConfigError as e:
+        raise ModelError(str(e)) from None
+    return meta if isinstance(meta, dict) else None
+
+
+def verify_folder(model: Classifier, info: Mapping[str, Any]) -> list:
+    """What ``bcu verify`` checks beyond the sidecar: the model card's SHA-256 and, in a folder that
+    also holds timm's ``config.json``, that it describes the same network. Returns what was checked;
+    a disagreement is a ModelError."""
+    folder = Path(info["path"]).parent
+    checked = []
+    card = folder / CARD_NAME
+    if card.is_file():
+        meta = card_metadata(card)
+        recorded = (meta or {}).get("bcu", {}).get("model_sha256") if isinstance((meta or {}).get("bcu"), dict) else None
+        if recorded is not None:
+            if recorded != info["sha256"]:
+                raise ModelError(f"model card {card} records sha256 {show(recorded)}, but the weights are "
+                                 f"{info['sha256']}: the card describes other weights")
+            checked.append("model card")
+    hub = folder / HUB_CONFIG
+    if info.get("format") == "bcu" and hub.is_file():
+        cfg = read_hub_config(hub)
+        spec = model.spec
+        for key, want in (("arch", spec.arch), ("num_classes", spec.num_classes),
+                          ("input_shape", tuple(spec.input_shape))):
+            if key in cfg and cfg[key] != want:
+                raise ModelError(f"{hub} says {key} {show(cfg[key])}, the sidecar {show(want)}")
+        checked.append("config.json")
+    return checked

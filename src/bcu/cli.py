@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -12,12 +13,12 @@ from typing import Any, Dict, Optional, Sequence
 from . import runtime, workflows
 from .attacks import ATTACKS
 from .bench import load_config, run_bench
-from .checkpoint import load_model
-from .config import describe
+from .checkpoint import load_model, verify_folder
+from .config import describe, yaml_load
 from .defenses import DEFENSES
 from .demo import run_demo
 from .errors import BcuError, ConfigError, ModelError, clean
-from .models import MODELS
+from .models import MODELS, SOURCES
 from .output import has_checkpoint
 from .report import scores_table
 from .seeding import SEED_MAX, SEED_MIN
@@ -62,6 +63,26 @@ def _floats(text: str):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+_OPTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_NAMED_FLAGS = {"arch": "--arch", "num_classes": "--num-classes", "input_shape": "--input-shape", "mean": "--mean",
+                "std": "--std", "norm": "--norm", "width": "--width", "path": "--model"}
+
+
+def _arch_opt(text: str):
+    """``KEY=VALUE`` with a typed value (YAML scalar or list: 4, 0.5, true, avg, [32, 32])."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not _OPTION_NAME.match(key):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. patch_size=4), got {text[:80]!r}")
+    if key in _NAMED_FLAGS:
+        raise argparse.ArgumentTypeError(f"{key} has a flag of its own: use {_NAMED_FLAGS[key]}")
+    try:
+        value = yaml_load(raw, f"--arch-opt {key}") if raw.strip() else ""
+    except ConfigError:
+        value = raw
+    return key, value
+
+
 def add_runtime(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
@@ -72,7 +93,12 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (a sidecar supplies these; give them for a bare .pt state dict)")
-    g.add_argument("--arch", help="architecture name from `bcu list models`")
+    g.add_argument("--arch", help="architecture: a name from `bcu list models`, timm:NAME or torchvision:NAME")
+    g.add_argument("--arch-opt", action="append", type=_arch_opt, default=[], metavar="KEY=VALUE",
+                   help="constructor option of the architecture (repeatable; typed: img_size=32, patch_size=4, "
+                   "drop_rate=0.1, global_pool=avg); recorded in the output's sidecar")
+    g.add_argument("--norm", choices=["timm", "torchvision"],
+                   help="mean/std from the library's own pretrained config of --arch (instead of --mean/--std)")
     g.add_argument("--num-classes", type=int)
     g.add_argument("--input-shape", type=_shape, help="C,H,W")
     g.add_argument("--mean", type=_floats, help="per-channel input mean, e.g. 0.4914,0.4822,0.4465")
@@ -94,9 +120,10 @@ def add_config(p: argparse.ArgumentParser) -> None:
 def model_options(args: argparse.Namespace) -> Dict[str, Any]:
     """What ``--arch``, ``--num-classes``, ``--input-shape``, ``--mean``, ``--std`` and ``--width`` say
     about a model (a sidecar says it otherwise)."""
-    opts = {k: getattr(args, k, None) for k in ("arch", "num_classes", "input_shape", "mean", "std")}
+    opts = {k: getattr(args, k, None) for k in ("arch", "num_classes", "input_shape", "mean", "std", "norm")}
     if getattr(args, "width", None) is not None:
         opts["width"] = args.width
+    opts.update(dict(getattr(args, "arch_opt", None) or []))
     return opts
 
 
@@ -114,6 +141,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("models:")
         for n in MODELS.names():
             print(f"  {n:18s} {MODELS.help(n)}")
+        for n in SOURCES.names():
+            print(f"  {n + ':NAME':18s} {SOURCES.help(n)}")
     if what in ("attacks", "all"):
         print("attacks:")
         for n in ATTACKS.names():
@@ -133,13 +162,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_cleanse(args: argparse.Namespace) -> int:
     _setup_runtime(args)
-    cfg = workflows.cleanse_config(args.preset, args.config, args.set, args.epochs, args.batch_size, args.lr,
+    scan_sets = [s for s in args.set if s.strip().startswith("scan.")]
+    cleanse_sets = [s for s in args.set if s not in scan_sets]
+    if scan_sets and not args.scan:
+        raise ConfigError("--set scan.* needs --scan")
+    cfg = workflows.cleanse_config(args.preset, args.config, cleanse_sets, args.epochs, args.batch_size, args.lr,
                                    args.seed)
+    scan_cfg = workflows.scan_config(None, scan_sets) if args.scan else None
     done = workflows.cleanse(args.model, args.data, args.out, cfg, split_name=args.split, stream=args.stream,
                              max_images=args.max_images, test_data=args.test_data, attack_spec=args.attack,
                              config_path=args.config, model_options=model_options(args), overwrite=args.overwrite,
                              resume=args.resume, device=args.device, progress=args.progress, strict=args.strict,
-                             log=print)
+                             log=print, out_format=args.out_format,
+                             scan_cfg=scan_cfg)
     if done.out is None:  # a torchrun rank > 0: rank 0 writes and prints
         return 0
     print(f"cleansed model written to {clean(done.out)}/ (report: {clean(done.out)}/report.md)")
@@ -202,7 +237,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if not args.out:
         raise ConfigError("--out is required")
     _setup_runtime(args)
-    done = workflows.attack(args.attack, args.out, data=args.data, arch=args.arch, width=args.width, mean=args.mean,
+    done = workflows.attack(args.attack, args.out, data=args.data, arch=args.arch, width=args.width,
+                            arch_options=dict(args.arch_opt), mean=args.mean,
                             std=args.std, target=args.target, poison_rate=args.poison_rate, epochs=args.epochs,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed, holdout=args.holdout,
                             sets=args.set, overwrite=args.overwrite, resume=args.resume, device=args.device,
@@ -229,7 +265,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     spec = model.spec
     if info["sidecar"] and not info["sidecar"].get("sha256"):
         raise ModelError(f"sidecar of {info['path']} records no sha256: the weights cannot be verified")
-    what = "matches its sidecar" if info["sidecar"] else "(no sidecar: architecture checked, no hash to compare)"
+    also = verify_folder(model, info)
+    if info["format"] == "hub":
+        what = "(Hub folder: architecture checked against config.json, no hash to compare)"
+    else:
+        what = "matches its sidecar" if info["sidecar"] else "(no sidecar: architecture checked, no hash to compare)"
+    if also:
+        what += f" and its {' and '.join(also)}"
     print(f"ok: {clean(info['path'])} sha256 {info['sha256']} {what}; architecture {spec.arch}, "
           f"{spec.num_classes} classes, input {'x'.join(map(str, spec.input_shape))}")
     return 0
@@ -303,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-images", type=int, help="use a deterministic random subset of this many images")
     c.add_argument("--stream", action="store_true", help="read --data from disk batch by batch (image folders, "
                    ".npy, uncompressed .npz) instead of loading it all into memory")
+    c.add_argument("--out-format", choices=["bcu", "hub"], default="bcu",
+                   help="hub: also write timm's config.json, so that timm.create_model('local-dir:OUT', "
+                   "pretrained=True) loads the output (timm:NAME models)")
+    c.add_argument("--scan", action="store_true", help="run the label-free trigger scan (`bcu scan`) on the teacher "
+                   "and the cleansed model; its table goes into the report and the model card (options: "
+                   "--set scan.KEY=VALUE)")
     add_model_options(c)
     add_runtime(c)
     c.set_defaults(func=cmd_cleanse)
@@ -351,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--attack", help="attack name (see --list)")
     a.add_argument("--list", action="store_true", help="list attacks and their options")
     a.add_argument("--data", default="fashion-mnist")
-    a.add_argument("--arch", default="cnn-small")
+    a.add_argument("--arch", default="cnn-small", help="a name from `bcu list models`, timm:NAME or torchvision:NAME")
+    a.add_argument("--arch-opt", action="append", type=_arch_opt, default=[], metavar="KEY=VALUE",
+                   help="constructor option of the architecture (repeatable, typed), e.g. patch_size=4")
     a.add_argument("--width", type=float)
     a.add_argument("--mean", type=_floats)
     a.add_argument("--std", type=_floats)

@@ -19,7 +19,7 @@ from .defenses import Cleanser, preset
 from .errors import clean
 from .metrics import attack_scores, der
 from .output import OutputDir, atomic_write_json
-from .report import scores_table, write_cleanse_report
+from .report import scores_table, write_cleanse_report, write_model_card
 from .train import OptimConfig
 from .workflows import cleanse_report, command_inputs, save_backdoored, train_backdoored
 
@@ -75,7 +75,9 @@ def run_demo(out: Path = Path("runs/demo"), overwrite: bool = False, attack_epoc
                                 images=len(unlabeled), data_sha256=unlabeled.fingerprint(),
                                 output_sha256=sidecar["sha256"], scores=scores, der_value=der(before, after),
                                 result=result)
+        report["model"] = dataclasses.asdict(result.model.spec) | {"format": "bcu"}
         write_cleanse_report(o.path, report, result.history)
+        write_model_card(o.path / "cleansed", report)
         final = o.commit()
     print(f"  cleansed in {t_cleanse:.1f}s ({result.info['epochs_run']} epochs on unlabeled images)\n")
     print(scores_table({"backdoored (teacher)": metrics["teacher"], "cleansed (bcu)": metrics["cleansed"]}))

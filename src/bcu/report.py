@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import yaml
 
 from .output import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -112,3 +115,127 @@ def write_cleanse_report(out: Path, report: Dict[str, Any], history: List[Dict[s
     if report.get("layers"):
         md += ["## Re-initialised layers", "", layers_table(report["layers"]), ""]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# the model card: README.md next to a cleansed model, in the Hugging Face Hub's format
+
+CARD_NAME = "README.md"
+
+
+def _scan_table(scans: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per class: the smallest stamp that flips the other images to it, teacher vs cleansed."""
+    who = list(scans)
+    rows = []
+    for k, c in enumerate(scans[who[0]]["classes"]):
+        cells = [c["name"]]
+        for w in who:
+            ck = scans[w]["classes"][k]
+            cells += ["-" if ck["l1"] is None else f"{ck['l1']:.1f}", "-" if ck["ratio"] is None else f"{ck['ratio']:.1f}"]
+        rows.append(cells)
+    headers = ["class"] + [h for w in who for h in (f"{w}: stamp px", f"{w}: size ratio")]
+    flagged = ["flagged"] + [v for w in who for v in (
+        "none" if scans[w]["flagged"] is None else scans[w]["classes"][scans[w]["flagged"]]["name"], "")]
+    return markdown_table(headers, rows + [flagged])
+
+
+def card_front_matter(report: Mapping[str, Any]) -> Dict[str, Any]:
+    """The YAML header of the card: the Hub's fields (library_name, tags, base_model, pipeline_tag) and
+    bcu's own (the weights' SHA-256, which ``bcu verify`` checks against the weights)."""
+    spec = report.get("model") or {}
+    arch = str(spec.get("arch", ""))
+    tags = ["bcu", "backdoor-removal", "image-classification"]
+    if ":" in arch:
+        tags.append(arch.split(":", 1)[0])
+    scan_after = (report.get("scan") or {}).get("cleansed")
+    return {"library_name": "bcu", "pipeline_tag": "image-classification", "tags": tags,
+            "base_model": f"sha256:{report['input']['sha256']}",
+            "bcu": {"model_sha256": report["output"]["sha256"], "teacher_sha256": report["input"]["sha256"],
+                    "bcu_version": report.get("bcu_version"), "method": "bcu (Pang et al., CVPR 2023)",
+                    "arch": arch, "num_classes": spec.get("num_classes"),
+                    "input_shape": list(spec.get("input_shape") or []), "labels_read": False,
+                    "scan_flagged": None if scan_after is None else scan_after["flagged"]}}
+
+
+def model_card(report: Mapping[str, Any]) -> str:
+    """The card's text: front matter, then what was done, the settings, the evidence, the limitations."""
+    meta = card_front_matter(report)
+    cfg = report.get("config") or {}
+    optim, reinit, distill = cfg.get("optim", {}), cfg.get("reinit", {}), cfg.get("distill", {})
+    spec = report.get("model") or {}
+    inp = report["input"]
+    md = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+          f"# {spec.get('arch', 'model')}, cleansed of backdoors by bcu", "",
+          "## What was done", "",
+          (f"The input model (SHA-256 `{inp['sha256']}`) was cleansed with bcu, *Backdoor Cleansing with "
+           f"Unlabeled Data* (Pang et al., CVPR 2023): a copy of it (the student) had a fraction of its weights "
+           f"re-initialised, layer by layer (few in early layers, many in deep ones), and was then trained to "
+           f"match the input model's outputs (knowledge distillation) on "
+           + (f"{inp['images']} unlabeled images (`{inp['data']}`)" if inp.get("data_sha256") else
+              f"{report.get('synthesized_images', 0)} images synthesized from the model itself")
+           + ". No label was read. The weights here are the student's "
+           f"(SHA-256 `{report['output']['sha256']}`)."), "",
+          "## Settings", "",
+          markdown_table(["setting", "value"], [
+              ["architecture", f"`{spec.get('arch')}`" + (f" {json.dumps(spec['kwargs'])}" if spec.get('kwargs') else "")],
+              ["input", f"{'x'.join(map(str, spec.get('input_shape', [])))}, mean {list(spec.get('mean', []))}, "
+                        f"std {list(spec.get('std', []))}"],
+              ["epochs run", f"{report.get('epochs_run')} of {optim.get('epochs')}"],
+              ["batch size, learning rate", f"{optim.get('batch_size')}, {optim.get('lr')}"],
+              ["re-initialisation", f"stem {reinit.get('stem')}, stages {reinit.get('stages')}, head "
+                                    f"{reinit.get('head')}, x{reinit.get('scale')} (max {reinit.get('max_ratio')})"],
+              ["distillation", f"T {distill.get('t_start')} -> {distill.get('t_end')}, noise blend "
+                               f"{distill.get('noise_blend')}, warp {distill.get('warp')}"],
+              ["seed", cfg.get("seed")],
+              ["command", f"`{report.get('command')}`"]]), ""]
+    md += ["## Before and after", ""]
+    if report.get("scores"):
+        md += [scores_table(report["scores"]), ""]
+        if report.get("der") is not None:
+            md += [f"DER (defense effectiveness rating): {report['der']:.2f} %", ""]
+    else:
+        md += ["Not measured: no labelled test set was given (`bcu cleanse --test-data ... --attack ...`).", ""]
+    md += ["## Evidence that holds without labels", ""]
+    history = report.get("history") or []
+    if history:
+        last = history[-1]
+        agree = last.get("monitor_agree", last.get("agree"))
+        md += [f"- Teacher/student agreement in the last epoch: {fmt(agree)} % of the "
+               f"{'held-out ' if 'monitor_agree' in last else ''}unlabeled images get the same class from both "
+               f"(the clean behaviour was transferred; it says nothing about a trigger by itself)."]
+    scans = report.get("scan")
+    if scans:
+        md += ["- Label-free trigger scan (Neural Cleanse with the model's own predictions, `bcu scan`): per "
+               "class, the smallest stamp (mask x pattern, optimised on the unlabeled images) that flips almost "
+               "all other images to it; a class whose stamp is far smaller than the others' is flagged.", "",
+               _scan_table(scans), ""]
+    else:
+        md += ["- The label-free trigger scan was not run (`bcu cleanse --scan`, or `bcu scan --model THIS "
+               "--data IMAGES`)."]
+    diag = report.get("data_diagnosis")
+    md += ["", "## The unlabeled images, diagnosed before the cleanse", ""]
+    if diag:
+        md += [diagnosis_table(diag), ""] + [f"**Warning:** {w}" for w in diag.get("warnings", [])]
+    else:
+        md += ["No images were given: nothing to diagnose."]
+    md += ["", "## Limitations", "",
+           "- bcu removes what the unlabeled images do not exercise. A backdoor can survive, in particular when "
+           "the images are few, of another kind than the training data, or miss classes (see the diagnosis).",
+           "- Without labels and the trigger, nothing here proves that the model is clean. The scan finds "
+           "small-stamp triggers; it can miss blended, warped or sample-specific ones, and it can flag a clean "
+           "class that is easy to reach.",
+           "- Accuracy can drop by a few points; the before/after table measures it only when labelled data was "
+           "given.", "",
+           "## Use", "",
+           "```python", "import bcu", "model, info = bcu.load_model(\"THIS_FOLDER\")   # checks the SHA-256",
+           "```"]
+    if spec.get("format") == "hub":
+        md += ["", "The folder is also in timm's Hub layout: `timm.create_model('local-dir:THIS_FOLDER', "
+               "pretrained=True)` loads it (the network only; normalise inputs with the mean/std above)."]
+    md += ["", "`bcu verify THIS_FOLDER` checks the weights against `model.json` and this card."]
+    return "\n".join(md) + "\n"
+
+
+def write_model_card(out: Path, report: Mapping[str, Any]) -> None:
+    """``README.md`` in ``out``, the folder of the cleansed model."""
+    atomic_write_text(out / CARD_NAME, model_card(report))

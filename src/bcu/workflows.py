@@ -26,7 +26,7 @@ from torch import nn
 
 from . import dist, seeding
 from .attacks import Attack, create_attack, load_attack
-from .checkpoint import load_model, resolve_model_path, save_model
+from .checkpoint import OUT_FORMATS, load_model, resolve_model_path, save_model
 from .config import deep_merge, from_dict, load_file, parse_overrides
 from .data.augment import AugmentConfig
 from .data.imageset import ImageSet, Images, pixel_stats, split, take
@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError, Interrupted, ModelError
 from .metrics import accuracy, attack_scores, der
 from .models import Classifier, check_images, create_model
 from .output import OutputDir, OutputFile, atomic_write_bytes, atomic_write_json
-from .report import write_cleanse_report
+from .report import write_cleanse_report, write_model_card
 from .resume import fingerprint
 from .scan import ScanConfig, ScanResult, scan
 from .train import OptimConfig
@@ -151,8 +151,8 @@ class AttackOutcome:
 
 
 def attack(name: str, out: PathLike, *, data: str = "fashion-mnist", arch: str = "cnn-small",
-           width: Optional[float] = None, mean: Optional[Sequence[float]] = None,
-           std: Optional[Sequence[float]] = None, target: Optional[int] = None,
+           width: Optional[float] = None, arch_options: Optional[Dict[str, Any]] = None,
+           mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None, target: Optional[int] = None,
            poison_rate: Optional[float] = None, epochs: int = 5, batch_size: int = 128, lr: float = 0.05,
            seed: int = 0, holdout: int = 5000, sets: Sequence[str] = (), overwrite: bool = False,
            resume: bool = False, device: str = "cpu", progress: Optional[bool] = None) -> AttackOutcome:
@@ -172,7 +172,7 @@ def attack(name: str, out: PathLike, *, data: str = "fashion-mnist", arch: str =
     held = None
     if holdout:
         train, held = split(train, holdout, seed=seed)
-    model_options = {"width": width} if width else {}
+    model_options = {**({"width": width} if width else {}), **(arch_options or {})}
     if not (mean and std):
         stats = pixel_stats(train.images)
         mean, std = mean or stats[0], std or stats[1]
@@ -180,6 +180,8 @@ def attack(name: str, out: PathLike, *, data: str = "fashion-mnist", arch: str =
               "data_sha256": train.fingerprint(), "images": len(train), "holdout": holdout, "arch": arch,
               "width": width, "mean": list(mean), "std": list(std), "optim": dataclasses.asdict(optim),
               "augment": dataclasses.asdict(augment), "seed": seed}
+    if arch_options:
+        values["arch_options"] = arch_options
     with OutputDir(out, overwrite=overwrite, resume=resume, inputs=command_inputs(data), kind="attack") as o, \
             fingerprint(values):
         try:
@@ -229,12 +231,14 @@ def cleanse_config(preset_name: str = "default", config: Optional[PathLike] = No
 
 def cleanse_report(*, command: str, model: str, model_sha256: str, data: str, images: int, data_sha256: str,
                    output_sha256: str, scores: Optional[Dict[str, Dict[str, Any]]], der_value: Optional[float],
-                   result: DefenseResult, diagnosis: Optional[DataDiagnosis] = None) -> Dict[str, Any]:
-    """The report.json of a cleanse (report.md and curves.png are drawn from it)."""
+                   result: DefenseResult, diagnosis: Optional[DataDiagnosis] = None,
+                   scans: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """The report.json of a cleanse (report.md, curves.png and the model card are drawn from it)."""
     return {"bcu_version": __version__, "command": command,
             "input": {"model": model, "sha256": model_sha256, "data": data, "images": images,
                       "data_sha256": data_sha256, "labels_read": False},
             "data_diagnosis": diagnosis.as_dict() if diagnosis is not None else None,
+            "scan": scans,
             "output": {"sha256": output_sha256}, "scores": scores or None, "der": der_value,
             **result.info, "history": result.history}
 
@@ -249,6 +253,24 @@ def before_after(teacher: nn.Module, cleansed: nn.Module, test: ImageSet, attack
     before = attack_scores(teacher, test, attack, device, triggered=trig)
     after = attack_scores(cleansed, test, attack, device, triggered=trig)
     return {"teacher": before.as_dict(), "cleansed": after.as_dict()}, der(before, after)
+
+
+def check_out_format(out_format: str, model_options: Optional[Dict[str, Any]]) -> None:
+    """``--out-format hub`` writes timm's layout: refused up front for an architecture timm cannot load."""
+    if out_format not in OUT_FORMATS:
+        raise ConfigError(f"--out-format must be one of {', '.join(OUT_FORMATS)}, got {out_format!r}")
+    arch = (model_options or {}).get("arch")
+    if out_format == "hub" and arch is not None and not str(arch).startswith("timm:"):
+        raise ConfigError(f"--out-format hub writes timm's config.json: it needs a timm:NAME architecture, "
+                          f"not {arch!r}")
+
+
+def _scan_summary(result: Dict[str, Any]) -> str:
+    k = result.get("flagged")
+    if k is None:
+        return "no class flagged"
+    c = result["classes"][k]
+    return f"class {c['name']} flagged (stamp {c['l1']:.1f} px, {c['ratio']:.1f}x smaller than the median class)"
 
 
 @dataclass
@@ -330,13 +352,20 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
             attack_spec: Optional[str] = None, config_path: Optional[PathLike] = None,
             model_options: Optional[Dict[str, Any]] = None, overwrite: bool = False, resume: bool = False,
             device: str = "cpu", progress: Optional[bool] = None, command: Optional[str] = None,
-            strict: bool = False, log: Optional[Any] = None) -> CleanseOutcome:
+            strict: bool = False, log: Optional[Any] = None, out_format: str = "bcu",
+            scan_cfg: Optional[ScanConfig] = None) -> CleanseOutcome:
     """``bcu cleanse``: bcu on unlabeled images (never their labels); under torchrun every rank trains
     its shard and rank 0 alone writes (docs/distributed.md). ``data`` ``"none"``: no images, bcu
     synthesizes them from the model. Before the cleanse the images are diagnosed
     (:func:`diagnosis_of`), the diagnosis goes to ``log`` and into the report, and ``strict`` refuses
-    unsuited images."""
+    unsuited images. ``out_format="hub"`` also writes timm's ``config.json`` (a ``timm:NAME`` model);
+    ``scan_cfg`` runs the label-free trigger scan (:mod:`bcu.scan`) on the teacher and the cleansed
+    model with the unlabeled images, into the report and the model card (``README.md``)."""
+    check_out_format(out_format, model_options)
     model, info = load_model(model_path, **(model_options or {}))
+    check_out_format(out_format, {"arch": model.spec.arch})
+    if scan_cfg is not None and data == NO_DATA and not os.path.lexists(data):
+        raise ConfigError("--scan needs unlabeled images; --data none has none")
     diagnosis: Optional[DataDiagnosis] = None
     if data == NO_DATA and not os.path.lexists(data):
         images: Optional[Images] = None
@@ -380,16 +409,28 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
             result = Cleanser(cfg).run(model, images, device=device, progress=progress, resume_dir=o.resume_dir)
         except Interrupted as e:
             raise o.interrupted(e) from None
-        sidecar = save_model(result.model.cpu(), o.path, extra={"cleansed_by": "bcu", "teacher_sha256": info["sha256"]})
+        sidecar = save_model(result.model.cpu(), o.path, extra={"cleansed_by": "bcu", "teacher_sha256": info["sha256"]},
+                             out_format=out_format)
         der_value = None
         if test is not None:
             scores, der_value = before_after(model, result.model, test, atk, device)
+        scans = None
+        if scan_cfg is not None and images is not None:
+            sample = take(images, scan_cfg.images, seed=scan_cfg.seed).images[:]
+            scans = {who: scan(m, sample, scan_cfg, device, classes=model.spec.classes,
+                               num_classes=model.spec.num_classes).as_dict()
+                     for who, m in (("teacher", model), ("cleansed", result.model))}
+            if log is not None:
+                for who, r in scans.items():
+                    log(f"scan of the {who}: " + _scan_summary(r))
         report = cleanse_report(command=command or "bcu " + " ".join(sys.argv[1:]), model=str(model_path),
                                 model_sha256=info["sha256"], data=str(data),
                                 images=len(images) if images is not None else 0, data_sha256=data_sha,
                                 output_sha256=sidecar["sha256"], scores=scores, der_value=der_value, result=result,
-                                diagnosis=diagnosis)
+                                diagnosis=diagnosis, scans=scans)
+        report["model"] = dataclasses.asdict(model.spec) | {"format": out_format}
         write_cleanse_report(o.path, report, result.history)
+        write_model_card(o.path, report)
         final = o.commit()
     dist.barrier()
     dist.shutdown()

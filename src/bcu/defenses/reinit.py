@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import check
 from .. import seeding
-from .tracing import TracedLayer, trace_layers
+from .tracing import TracedLayer, repeated_blocks, trace_layers
 
 
 @dataclass
@@ -96,8 +96,10 @@ def interpolate_ratios(ratios: Sequence[float], n: int) -> List[float]:
     return out
 
 
-def assign_stages(layers: List[LayerInfo], cfg: ReinitConfig) -> List[LayerInfo]:
-    """Fill ``stage`` and ``ratio`` of traced layers (see the module docstring)."""
+def assign_stages(layers: List[LayerInfo], cfg: ReinitConfig, blocks: Optional[Dict[str, int]] = None) -> List[LayerInfo]:
+    """Fill ``stage`` and ``ratio`` of traced layers (see the module docstring). ``blocks`` (layer name ->
+    repeated-block index, :func:`~bcu.defenses.tracing.repeated_blocks`) splits a network that never
+    downsamples (a ViT) into stages of whole blocks."""
     if not layers:
         return layers
     if len(layers) == 1:
@@ -122,9 +124,20 @@ def assign_stages(layers: List[LayerInfo], cfg: ReinitConfig) -> List[LayerInfo]
             groups.append([l])
             keys.append(key)
     if body and len(groups) < 2 and len(body) >= len(cfg.stages):
-        # no downsampling to go by (e.g. isotropic nets): split by depth into equal parts
+        # no downsampling to go by (isotropic nets, ViTs): split by depth into equal parts, of whole
+        # repeated blocks where the module graph has them (a layer outside the blocks -- a patch
+        # embedding before them, a pre-logits layer after them -- joins the block that ran before it)
         k = len(cfg.stages)
-        groups = [body[i * len(body) // k:(i + 1) * len(body) // k] for i in range(k)]
+        if blocks and any(l.name in blocks for l in body):
+            index, current = [], 0
+            for l in body:
+                current = blocks.get(l.name, current)
+                index.append(current)
+            n_blocks = max(index) + 1
+            parts = min(k, n_blocks)
+            groups = [[l for l, b in zip(body, index) if b * parts // n_blocks == g] for g in range(parts)]
+        else:
+            groups = [body[i * len(body) // k:(i + 1) * len(body) // k] for i in range(k)]
     ratios = interpolate_ratios(cfg.stages, len(groups))
     for i, (g, r) in enumerate(zip(groups, ratios)):
         for l in g:
@@ -143,7 +156,9 @@ def assign_stages(layers: List[LayerInfo], cfg: ReinitConfig) -> List[LayerInfo]
 
 def plan(model: nn.Module, input_shape: Sequence[int], cfg: Optional[ReinitConfig] = None) -> List[LayerInfo]:
     """The layers bcu would re-initialise, with their stage and ratio (no change to the model)."""
-    return assign_stages([LayerInfo(**vars(t)) for t in trace_layers(model, input_shape)], cfg or ReinitConfig())
+    traced = trace_layers(model, input_shape)
+    blocks = repeated_blocks(model, [t.name for t in traced])
+    return assign_stages([LayerInfo(**vars(t)) for t in traced], cfg or ReinitConfig(), blocks)
 
 
 def _fresh_copy(module: nn.Module, seed: int) -> nn.Module:

@@ -128,6 +128,26 @@ def trace_layers(model: nn.Module, input_shape: Sequence[int]) -> List[TracedLay
     return out
 
 
+def repeated_blocks(model: nn.Module, names: Sequence[str]) -> Dict[str, int]:
+    """Layer name -> index of the repeated block that holds it (a transformer's blocks, a stage's
+    residual blocks), read from the module graph: the container (``nn.Sequential`` /
+    ``nn.ModuleList``) with the most children that hold weight layers of ``names``. ``{}`` when no
+    container holds two."""
+    best: Optional[Tuple[str, List[str]]] = None
+    for cname, mod in model.named_modules():
+        if not isinstance(mod, (nn.Sequential, nn.ModuleList)):
+            continue
+        prefix = f"{cname}." if cname else ""
+        holders = [c for c, _ in mod.named_children()
+                   if any(n == prefix + c or n.startswith(f"{prefix}{c}.") for n in names)]
+        if len(holders) >= 2 and (best is None or len(holders) > len(best[1])):
+            best = (prefix, holders)
+    if best is None:
+        return {}
+    prefix, holders = best
+    return {n: i for i, c in enumerate(holders) for n in names if n == prefix + c or n.startswith(f"{prefix}{c}.")}
+
+
 # --------------------------------------------------------------------------------------------------
 # convolutions and the normalisation layers that consume them
 

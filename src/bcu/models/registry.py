@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +24,57 @@ from ..untrusted import check_image_shape
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 register_model = MODELS.register
+
+
+class ModelSource(Protocol):
+    """Architectures of another library, named ``PREFIX:NAME`` (``timm:resnet18``, ``torchvision:resnet18``).
+
+    A source imports its library only when a model is built, never when bcu is imported, and
+    never fetches weights: the user's file is the model (:mod:`bcu.models.external`)."""
+
+    def factory(self, name: str) -> Callable[..., nn.Module]:
+        """A constructor ``(num_classes, input_shape, **options) -> nn.Module`` for ``name`` (ConfigError if
+        the library does not know it)."""
+        ...
+
+    def normalization(self, name: str, channels: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        """The library's own pretrained mean/std for ``name`` (``--norm timm``)."""
+        ...
+
+
+SOURCES: Registry[ModelSource] = Registry("model source")
+register_source = SOURCES.register
+
+# a library's architecture name: lower-case words, optionally one ``.tag`` (timm's pretrained tags)
+_SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,99}(\.[a-z0-9_]{1,100})?$")
+
+
+def split_arch(arch: str) -> Tuple[Optional[str], str]:
+    """``'timm:resnet18'`` -> ``('timm', 'resnet18')``; a name of bcu's own zoo -> ``(None, name)``."""
+    if ":" in arch:
+        prefix, name = arch.split(":", 1)
+        return prefix, name
+    return None, arch
+
+
+def known_arch(arch: Any) -> bool:
+    """A name of bcu's zoo, or ``PREFIX:NAME`` of a registered source with a well-formed NAME."""
+    if not isinstance(arch, str) or len(arch) > 200:
+        return False
+    prefix, name = split_arch(arch)
+    if prefix is None:
+        return arch in MODELS
+    return prefix in SOURCES and bool(_SOURCE_NAME.match(name))
+
+
+def factory_of(arch: str) -> Callable[..., nn.Module]:
+    """The constructor of ``arch``: bcu's registry, or the source named by its prefix."""
+    prefix, name = split_arch(arch)
+    return MODELS.get(arch) if prefix is None else SOURCES.get(prefix).factory(name)
+
+
+def arch_names() -> str:
+    return ", ".join(MODELS.names()) + "".join(f", {p}:NAME" for p in SOURCES.names())
 
 
 @dataclass
@@ -38,8 +90,7 @@ class ModelSpec:
     classes: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
-        check(isinstance(self.arch, str) and self.arch in MODELS,
-              f"unknown architecture {show(self.arch)} (known: {', '.join(MODELS.names())})")
+        check(known_arch(self.arch), f"unknown architecture {show(self.arch)} (known: {arch_names()})")
         check(isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool)
               and 2 <= self.num_classes <= untrusted.MAX_CLASSES,
               f"num_classes must be an integer in [2, {untrusted.MAX_CLASSES}], got {show(self.num_classes)}")
@@ -62,8 +113,11 @@ class ModelSpec:
                   "class names must be texts of at most 256 characters")
 
 
-def _plain_option(v: Any) -> bool:
-    """An architecture option from a file: a bool, an int within +-2^31, a finite float, a short text."""
+def _plain_option(v: Any, nested: bool = False) -> bool:
+    """An architecture option from a file: a bool, an int within +-2^31, a finite float, a short text,
+    or a list of at most 8 of those (``img_size: [32, 32]``)."""
+    if isinstance(v, (list, tuple)) and not nested:
+        return len(v) <= 8 and all(_plain_option(x, True) for x in v)
     if isinstance(v, bool):
         return True
     if isinstance(v, int):
@@ -106,14 +160,16 @@ def create_model(arch: str, num_classes: int = 10, input_shape: Tuple[int, int, 
                  mean: Tuple[float, ...] = (0.0,), std: Tuple[float, ...] = (1.0,),
                  classes: Optional[List[str]] = None, **kwargs: Any) -> Classifier:
     """Build a registered architecture wrapped with its input normalisation (timm-style)."""
-    spec = ModelSpec(arch.lower(), num_classes, tuple(int(v) for v in input_shape), tuple(mean), tuple(std),
-                     dict(kwargs), classes)
+    name = arch if ":" in arch else arch.lower()
+    spec = ModelSpec(name, num_classes, tuple(int(v) for v in input_shape), tuple(mean), tuple(std), dict(kwargs), classes)
     return build(spec)
 
 
 def _construct(factory: Callable[..., nn.Module], spec: ModelSpec) -> nn.Module:
     try:
         return factory(num_classes=spec.num_classes, input_shape=tuple(spec.input_shape), **spec.kwargs)
+    except ConfigError:
+        raise
     except Exception as e:  # the values come from a file: any failure to build is "cannot build", one line
         text = (str(e).strip().splitlines() or [""])[0].split(" Exception raised from")[0][:200]
         raise ConfigError(f"cannot build {spec.arch!r}: {type(e).__name__}: {text}") from None
@@ -128,11 +184,12 @@ def build(spec: ModelSpec, check_state: Optional[Callable[[Dict[str, torch.Tenso
     with the weights at hand, before any real allocation. So a model file bounds the model it
     builds: its tensors must match the architecture's exactly.
     """
-    factory = MODELS.get(spec.arch)
+    factory = factory_of(spec.arch)
     params = inspect.signature(factory).parameters
-    unknown = [k for k in spec.kwargs if k not in params]
-    if unknown:
-        raise ConfigError(f"architecture {spec.arch!r} has no option {show(unknown[0])}")
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):  # a source checks its own
+        unknown = [k for k in spec.kwargs if k not in params]
+        if unknown:
+            raise ConfigError(f"architecture {spec.arch!r} has no option {show(unknown[0])}")
     with torch.device("meta"):
         meta = _construct(factory, spec)
     values = sum(t.numel() for t in meta.state_dict().values())
