@@ -92,3 +92,71 @@ def test_fresh_init_is_each_familys_own():
     assert float(w.detach().abs().max()) <= 1 / math.sqrt(256 * 9) + 1e-7  # kaiming_uniform(a=sqrt 5): U(+-1/sqrt(fan_in))
     ratio = float(a.layer3[1].conv2.weight.detach().std()) / float(w.detach().std())
     assert 2.3 < ratio < 2.6  # the issue's "about 2.45x"
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. architecture inference from a bare state dict
+
+
+def _own_families():
+    from bcu.models.infer import SAME_NETWORK
+
+    return [n for n in MODELS.names() if n not in SAME_NETWORK]
+
+
+@pytest.mark.parametrize("name", _own_families())
+def test_every_registered_family_is_recognised_from_its_keys(name):
+    """bcu's own zoo and the BackdoorBench/authors families, at other class and channel counts (and
+    another width where the family has one): exactly one network fits, with the values it was built with."""
+    import inspect
+
+    from bcu.models.infer import infer_architecture
+
+    factory = MODELS.get(name)
+    kw = {"width": 0.25} if "width" in inspect.signature(factory).parameters else {}
+    shape = tuple(inspect.signature(factory).parameters["input_shape"].default)
+    shape = (1 if shape[0] == 3 else 3, *shape[1:])
+    with torch.device("meta"):
+        net = factory(num_classes=43, input_shape=shape, **kw)
+    got = infer_architecture(net.state_dict())
+    assert (got.arch, got.num_classes, got.input_shape[0], got.kwargs) == (name, 43, shape[0], kw)
+    assert got.input_shape[1:] == shape[1:]
+    assert got.arch in got.describe() and "43 classes" in got.describe()
+
+
+def test_aliases_are_reported_as_one_network():
+    from bcu.models.infer import infer_architecture
+
+    got = infer_architecture(meta_model("bcu-authors:vgg16bn").state_dict())
+    assert got.arch == "backdoorbench:vgg16_bn" and got.same_as == ["bcu-authors:vgg16bn"]
+    assert "assumed" in got.describe()  # VGG's weights do not record the input size
+
+
+def test_two_networks_with_the_same_keys_are_refused_as_ambiguous():
+    from bcu.errors import ModelError
+    from bcu.models import backdoorbench as bb
+    from bcu.models.infer import infer_architecture
+
+    def twin(num_classes: int = 10, input_shape=(3, 32, 32)):
+        """Same keys as BackdoorBench's PreActResNet18, another network."""
+        return bb.BBPreActResNet((2, 2, 2, 2), num_classes, input_shape[0])
+
+    MODELS.register("test:preact-twin")(twin)
+    try:
+        with pytest.raises(ModelError, match="fit backdoorbench:preactresnet18 and test:preact-twin; pass --arch"):
+            infer_architecture(meta_model("backdoorbench:preactresnet18").state_dict())
+    finally:
+        MODELS._items.pop("test:preact-twin")
+        MODELS._help.pop("test:preact-twin")
+
+
+def test_unknown_keys_are_refused_with_the_closest_family():
+    from bcu.errors import ModelError
+    from bcu.models.infer import infer_architecture
+
+    state = dict(meta_model("backdoorbench:preactresnet18").state_dict())
+    state["extra.weight"] = torch.empty(3, device="meta")
+    with pytest.raises(ModelError) as e:
+        infer_architecture(state, "x.pt")
+    msg = str(e.value)
+    assert "\n" not in msg and "pass --arch" in msg and "closest: backdoorbench:preactresnet18, 1 key differs" in msg
