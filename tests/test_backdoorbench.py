@@ -160,3 +160,256 @@ def test_unknown_keys_are_refused_with_the_closest_family():
         infer_architecture(state, "x.pt")
     msg = str(e.value)
     assert "\n" not in msg and "pass --arch" in msg and "closest: backdoorbench:preactresnet18, 1 key differs" in msg
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. attack_result.pt: the layouts, and a malicious variant of every field
+
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from bcu.errors import DataError  # noqa: E402
+
+
+def small_preact_state(num_classes: int = 10):
+    """A BackdoorBench PreActResNet18 state dict (real keys and shapes, fixed values)."""
+    m = meta_model("backdoorbench:preactresnet18", num_classes)
+    return {k: v.contiguous() for k, v in det_state(m).items()}
+
+
+def pil_images(n: int, side: int = 8, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def v1_result(n: int = 6, side: int = 8, state=None, **over):
+    """BackdoorBench v1.x / the authors' layout (prepro_cls_DatasetBD): lists of PIL images."""
+    d = {"model_name": "preactresnet18", "num_classes": 10, "model": state if state is not None else small_preact_state(),
+         "data_path": "../../../../data/cifar10", "img_size": (side, side, 3), "clean_data": "cifar10",
+         "bd_train": {"x": None, "y": None, "original_index": None},
+         "bd_test": {"x": pil_images(n, side), "y": np.zeros(n, dtype=np.int64), "original_index": np.arange(n),
+                     "original_targets": (np.arange(n) % 9 + 1).astype(np.int64)}}
+    d.update(over)
+    return d
+
+
+def save(obj, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, folder / "attack_result.pt")
+    return folder / "attack_result.pt"
+
+
+def test_v1_layout_reads_model_and_poisoned_set(tmp_path):
+    from collections import OrderedDict
+
+    from bcu.attack_result import read_attack_result
+
+    state = OrderedDict(("module." + k, v) for k, v in small_preact_state().items())  # DataParallel prefix
+    d = v1_result(state=state)
+    res = read_attack_result(save(d, tmp_path))
+    assert (res.model_name, res.num_classes, res.input_shape, res.layout) == ("preactresnet18", 10, (3, 8, 8), "v1-pil")
+    ref = small_preact_state()
+    assert list(res.state) == list(ref) and all(torch.equal(res.state[k], ref[k]) for k in ref)
+    bd = res.bd_test
+    assert bd.images.dtype == torch.uint8 and bd.images.shape == (6, 3, 8, 8)
+    assert np.array_equal(bd.images[3].permute(1, 2, 0).numpy(), np.asarray(d["bd_test"]["x"][3]))
+    assert bd.targets.tolist() == [0] * 6 and bd.original_targets.tolist() == [1, 2, 3, 4, 5, 6]
+    assert res.normalization == ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+
+
+def test_oldest_and_v2_layouts(tmp_path):
+    """v1.0 (float tensors of 0-255) and v2.x (retrieve_state() with PNG files beside the file,
+    numpy.int64 indices, and the in-memory variant)."""
+    from bcu.attack_result import read_attack_result
+
+    imgs = pil_images(4)
+    arr = np.stack([np.asarray(i) for i in imgs])
+    old = v1_result(bd_test={"x": torch.tensor(arr).permute(0, 3, 1, 2).float(), "y": torch.zeros(4, dtype=torch.long),
+                             "original_targets": torch.arange(1, 5)})
+    res = read_attack_result(save(old, tmp_path / "old"))
+    assert res.layout == "v1.0-tensor" and torch.equal(res.bd_test.images, torch.from_numpy(arr).permute(0, 3, 1, 2))
+    folder = tmp_path / "v2"
+    entries = {}
+    for i, im in enumerate(imgs):
+        (folder / "bd_test_dataset" / str(i + 1)).mkdir(parents=True, exist_ok=True)
+        im.save(folder / "bd_test_dataset" / str(i + 1) / f"{i}.png")
+        entries[np.int64(i)] = {"path": f"./record/run/bd_test_dataset/{i + 1}/{i}.png", "other_info": [0, i + 1]}
+    state = {"bd_data_container": {"save_folder_path": "./record/run/bd_test_dataset", "data_dict": entries,
+                                   "save_file_format": ".png"},
+             "getitem_all": True, "getitem_all_switch": False, "original_index_array": np.arange(4),
+             "poison_indicator": np.ones(4), "save_folder_path": "./record/run/bd_test_dataset"}
+    res = read_attack_result(save(v1_result(bd_test=state, bd_train=None), folder))
+    assert res.layout == "v2-folder" and torch.equal(res.bd_test.images, torch.from_numpy(arr).permute(0, 3, 1, 2))
+    assert res.bd_test.original_targets.tolist() == [1, 2, 3, 4]
+    ram = dict(state, bd_data_container={"data_dict": {i: (im, 0, i + 1) for i, im in enumerate(imgs)}})
+    res = read_attack_result(save(v1_result(bd_test=ram), tmp_path / "ram"))
+    assert res.layout == "v2-memory" and torch.equal(res.bd_test.images, torch.from_numpy(arr).permute(0, 3, 1, 2))
+
+
+class Evil:
+    """Unpickling this runs a shell command (it writes a marker file)."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class EvilEval:
+    def __reduce__(self):
+        return (eval, (f"open({Evil.marker!r}, 'w')",))
+
+
+def _evil_variants(tmp_path: Path):
+    """A malicious value in every field (and in every nested field of bd_test and the state dict)."""
+    evil = Evil()
+    d = v1_result(n=2)
+    bd = d["bd_test"]
+    yield "model_name", dict(d, model_name=evil)
+    yield "num_classes", dict(d, num_classes=EvilEval())
+    yield "model", dict(d, model=evil)
+    yield "model tensor", dict(d, model=dict(d["model"], **{"conv1.weight": evil}))
+    yield "data_path", dict(d, data_path=evil)
+    yield "img_size", dict(d, img_size=(8, evil, 3))
+    yield "clean_data", dict(d, clean_data=evil)
+    yield "bd_train", dict(d, bd_train={"x": [evil], "y": None, "original_index": None})
+    yield "bd_test", dict(d, bd_test=evil)
+    yield "bd_test.x", dict(d, bd_test=dict(bd, x=[bd["x"][0], evil]))
+    yield "bd_test.y", dict(d, bd_test=dict(bd, y=evil))
+    yield "bd_test.original_index", dict(d, bd_test=dict(bd, original_index=evil))
+    yield "bd_test.original_targets", dict(d, bd_test=dict(bd, original_targets=evil))
+    yield "bd_test v2 entry", dict(d, bd_test={"bd_data_container": {"data_dict": {0: evil}}})
+    yield "top level", evil
+    yield "object array", dict(d, bd_test=dict(bd, y=np.array([evil, 1], dtype=object)))
+
+
+def test_a_malicious_attack_result_runs_no_code(tmp_path):
+    from bcu.attack_result import read_attack_result
+
+    Evil.marker = str(tmp_path / "PWNED")
+    n = 0
+    for field_name, obj in _evil_variants(tmp_path):
+        p = save(obj, tmp_path / f"v{n}")
+        n += 1
+        with pytest.raises(DataError) as e:
+            read_attack_result(p)
+        assert "\n" not in str(e.value) and "refusing" in str(e.value), (field_name, str(e.value))
+        assert not Path(Evil.marker).exists(), field_name
+    assert n == 16
+
+
+class Forged:
+    """Pickles as ``func(*args)`` then ``BUILD state``: the globals of a real file with forged values."""
+
+    def __init__(self, *reduce):
+        self.reduce = reduce
+
+    def __reduce__(self):
+        return self.reduce
+
+
+def forged_image(state):
+    """A real PIL image that pickles with a forged state (as a crafted file would hold it)."""
+    from PIL import Image
+
+    im = Image.new("RGB", (2, 2))
+    im.__getstate__ = lambda: state
+    return im
+
+
+def _forged():
+    import warnings
+    from collections import OrderedDict
+
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's own _reconstruct (numpy 1 or 2 module path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storage = torch.zeros(10).storage()
+    yield ("an array declaring 10^12 entries",
+           Forged(reconstruct, (np.ndarray, (0,), b"b"), (1, (10 ** 6, 10 ** 6), np.dtype("i8"), False, b"")),
+           "whose data hold 0 bytes")
+    yield "a 1000x1000 PIL image of 2 bytes", forged_image([{}, "RGB", (1000, 1000), None, b"xx"]), "data hold 2 bytes"
+    yield "a PIL image of mode P", forged_image([{}, "P", (1, 1), None, b"x"]), "mode"
+    yield ("a tensor beyond its storage",
+           Forged(torch._utils._rebuild_tensor_v2, (storage, 0, (10 ** 6,), (1,), False, OrderedDict())),
+           "beyond its storage")
+    yield ("bytes(10^12)", Forged(bytes, (10 ** 12,)), "bytes() with arguments")
+
+
+@pytest.mark.parametrize("what, value, message", list(_forged()), ids=[w for w, _, _ in _forged()])
+def test_forged_values_are_refused_before_allocation(tmp_path, what, value, message):
+    """Allowed globals with forged arguments: refused by the checks, before anything is allocated."""
+    from bcu.attack_result import read_attack_result
+
+    d = v1_result(n=2)
+    d["bd_test"]["x"] = [d["bd_test"]["x"][0], value]
+    with pytest.raises(DataError) as e:
+        read_attack_result(save(d, tmp_path))
+    assert "\n" not in str(e.value) and message in str(e.value), str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. the `authors` preset: their re-init rule, their fresh init, their flip rule
+
+
+def _authors_reinit(arch: str, fresh: str = "family"):
+    import dataclasses
+
+    from bcu.defenses.bcu import preset
+    from bcu.defenses.reinit import reinitialize
+    from bcu.models import create_model
+
+    cfg = dataclasses.replace(preset("authors").reinit, fresh=fresh)
+    m = create_model(arch, 10, (3, 32, 32))
+    before = {k: v.clone() for k, v in m.net.state_dict().items()}
+    layers = {l.name: l for l in reinitialize(m, (3, 32, 32), cfg)}
+    return before, m.net.state_dict(), layers
+
+
+def test_authors_rule_gives_preactresnets_head_the_stems_ratio():
+    before, after, layers = _authors_reinit("backdoorbench:preactresnet18")
+    assert layers["linear.weight"].ratio == layers["conv1.weight"].ratio == 0.01  # the head quirk
+    assert layers["layer4.1.conv2.weight"].ratio == 0.27 and layers["layer2.0.shortcut.0.weight"].ratio == 0.03
+    assert not any("bn" in k for k in layers)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any("bn" in k for k in changed) and changed <= set(layers)
+    frac = layers["layer4.1.conv2.weight"].dropped_fraction
+    assert 0.26 < frac < 0.28
+
+
+def test_authors_rule_mixes_torchvision_downsample_batchnorm_and_fc_gets_its_ratio():
+    _, _, layers = _authors_reinit("backdoorbench:resnet18")
+    assert layers["layer3.0.downsample.1.weight"].ratio == 0.09  # a BN parameter with no 'bn' in its key
+    assert layers["fc.weight"].ratio == 0.10
+    _, _, layers = _authors_reinit("bcu-authors:resnet18")
+    assert not any("shortcut.1" in k for k in layers) and layers["layer3.0.shortcut.0.weight"].ratio == 0.09
+
+
+def test_authors_fresh_values_come_from_the_familys_own_init():
+    """Replaced entries of resnet18_DBD's layer4 are kaiming fan-out (about 2.45x the std of PyTorch's default)."""
+    stds = {}
+    for fresh in ("family", "layer"):
+        before, after, _ = _authors_reinit("bcu-authors:resnet18", fresh)
+        k = "layer4.1.conv2.weight"
+        hit = before[k] != after[k]
+        stds[fresh] = float(after[k][hit].std())
+    assert abs(stds["family"] / math.sqrt(2 / (512 * 9)) - 1) < 0.05
+    assert abs(stds["layer"] / (1 / math.sqrt(3 * 512 * 9)) - 1) < 0.05
+
+
+def test_authors_flip_rule_and_presets_spell_out_the_new_options():
+    from bcu.config import to_dict
+    from bcu.data import ImageSet
+    from bcu.defenses.bcu import dataset_name, preset
+
+    a, p = preset("authors"), preset("paper")
+    assert a.hflip_only == ["cifar10"] and a.keep_last_batch and a.reinit.rule == "names" and a.reinit.fresh == "family"
+    assert p.hflip_only is None and not p.keep_last_batch and p.reinit.rule == "depth"
+    assert {k: v for k, v in to_dict(a).items() if k not in ("reinit", "hflip_only", "keep_last_batch")} == \
+        {k: v for k, v in to_dict(p).items() if k not in ("reinit", "hflip_only", "keep_last_batch")}
+    img = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    assert dataset_name(ImageSet(img, None, None, "cifar10:train")) == "cifar10"
+    assert dataset_name(ImageSet(img, None, None, "/data/fashion-mnist")) == "fashion-mnist"
