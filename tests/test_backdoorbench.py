@@ -413,3 +413,5 @@ def test_authors_flip_rule_and_presets_spell_out_the_new_options():
     img = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
     assert dataset_name(ImageSet(img, None, None, "cifar10:train")) == "cifar10"
     assert dataset_name(ImageSet(img, None, None, "/data/fashion-mnist")) == "fashion-mnist"
+    assert dataset_name(ImageSet(img, None, [str(i) for i in range(10)], "cifar:train")) == "cifar10"
+    assert dataset_name(ImageSet(img, None, [str(i) for i in range(100)], "cifar:train")) == "cifar100"

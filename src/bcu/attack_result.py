@@ -568,3 +568,33 @@ def model_candidates(model_name: str) -> List[str]:
 
     want = model_name.lower().replace("_", "").replace("-", "")
     return [n for n in MODELS.names() if n.split(":")[-1].replace("_", "").replace("-", "") == want]
+
+
+def infer_model(res: AttackResult):
+    """The registered architecture of ``res``'s state dict: among those named like ``model_name``
+    (:func:`model_candidates`) when there are any, else among all, by keys and shapes, with the
+    file's ``num_classes`` and ``img_size``."""
+    from .models.infer import infer_architecture
+
+    names = model_candidates(res.model_name)
+    where = f"{res.path} (model_name {res.model_name!r})"
+    return infer_architecture(res.state, where, num_classes=res.num_classes, input_shape=res.input_shape,
+                              names=names or None)
+
+
+@torch.inference_mode()
+def stored_attack_scores(model: torch.nn.Module, poisoned: PoisonedSet, device: str = "cpu",
+                         batch_size: int = 512) -> Dict[str, Optional[float]]:
+    """ASR (percent of the stored poisoned images classified as the backdoor's target) and RA
+    (percent classified as their original label, where stored) of ``model``, which takes [0, 1] images."""
+    if len(poisoned.images) == 0:
+        raise DataError("the attack result's bd_test holds no poisoned images")
+    model = model.to(device).eval()
+    preds = []
+    for s in range(0, len(poisoned.images), batch_size):
+        x = poisoned.images[s:s + batch_size].to(device).float() / 255
+        preds.append(model(x).argmax(1).cpu())
+    pred = torch.cat(preds)
+    asr = float((pred == poisoned.targets).float().mean()) * 100
+    ra = None if poisoned.original_targets is None else float((pred == poisoned.original_targets).float().mean()) * 100
+    return {"asr": asr, "ra": ra, "poisoned_images": len(pred)}

@@ -176,10 +176,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {"paper": PAPER, "authors": AUTHORS, "defau
 
 def dataset_name(data: Any) -> str:
     """The data set an image set comes from, as ``hflip_only`` compares it: an ImageSet's name up to
-    the first ``:`` (``cifar10:train``), or a path's last part, lower-case."""
+    the first ``:`` (``fashion-mnist:train``), or a path's last part, lower-case. A CIFAR python
+    folder (named ``cifar``) is ``cifar10`` or ``cifar100`` by its class list."""
     name = str(getattr(data, "name", "") or "")
-    name = name.split(":")[0].rstrip("/\\")
-    return Path(name).name.lower() if name else ""
+    name = Path(name.split(":")[0].rstrip("/\\")).name.lower() if name else ""
+    classes = getattr(data, "classes", None)
+    if name == "cifar" and classes:
+        name = f"cifar{len(classes)}"
+    return name
 
 
 def preset(name: str = "default", overrides: Optional[Dict[str, Any]] = None) -> CleanseConfig:

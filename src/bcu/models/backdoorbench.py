@@ -32,7 +32,9 @@ Each family's constructor applies that family's **own initialisation** (the func
 :data:`FAMILY_INIT`), as the original constructors do, so a freshly built model draws its weights
 from the same distribution as a fresh model in their code: this is what the ``authors`` preset of
 :mod:`bcu.defenses.authors` mixes into the student. The channel count of the stem follows
-``input_shape`` (the originals hard-code 3); every other shape is the original's.
+``input_shape`` (the originals hard-code 3); every other shape is the original's. PreActResNet18 and
+the authors' ResNet-18 also take a ``width`` multiplier (bcu's addition, for CPU-sized experiments;
+1 builds the original).
 """
 from __future__ import annotations
 
@@ -105,6 +107,11 @@ def init_torchvision_mobilenet_v2(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _planes(width: float) -> List[int]:
+    """Stage channels 64/128/256/512 scaled by ``width`` (1 = the original; smaller for CPU experiments)."""
+    return [max(1, round(c * width)) for c in (64, 128, 256, 512)]
+
+
 # --------------------------------------------------------------------------------------------------
 # BackdoorBench PreActResNet18 (models/preact_resnet.py; byte-identical in the BCU repo)
 
@@ -135,16 +142,17 @@ class BBPreActBlock(nn.Module):
 class BBPreActResNet(nn.Module):
     """``conv1 -> layer1..4 -> avgpool -> linear``: no stem BN and no final BN/ReLU."""
 
-    def __init__(self, num_blocks: Sequence[int], num_classes: int, in_channels: int = 3) -> None:
+    def __init__(self, num_blocks: Sequence[int], num_classes: int, in_channels: int = 3, width: float = 1.0) -> None:
         super().__init__()
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.layer1 = self._make_layer(64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(512, num_blocks[3], 2)
+        p = _planes(width)
+        self.in_planes = p[0]
+        self.conv1 = nn.Conv2d(in_channels, p[0], 3, stride=1, padding=1, bias=False)
+        self.layer1 = self._make_layer(p[0], num_blocks[0], 1)
+        self.layer2 = self._make_layer(p[1], num_blocks[1], 2)
+        self.layer3 = self._make_layer(p[2], num_blocks[2], 2)
+        self.layer4 = self._make_layer(p[3], num_blocks[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(p[3], num_classes)
 
     def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
         layers = []
@@ -192,17 +200,18 @@ class DBDResNet(nn.Module):
     init: :func:`init_torchvision_resnet` (the ``fc`` head keeps PyTorch's default)."""
 
     def __init__(self, num_blocks: Sequence[int], num_classes: int, in_channels: int = 3,
-                 proj: str = "shortcut") -> None:
+                 proj: str = "shortcut", width: float = 1.0) -> None:
         super().__init__()
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(64, num_blocks[0], 1, proj)
-        self.layer2 = self._make_layer(128, num_blocks[1], 2, proj)
-        self.layer3 = self._make_layer(256, num_blocks[2], 2, proj)
-        self.layer4 = self._make_layer(512, num_blocks[3], 2, proj)
+        p = _planes(width)
+        self.in_planes = p[0]
+        self.conv1 = nn.Conv2d(in_channels, p[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(p[0])
+        self.layer1 = self._make_layer(p[0], num_blocks[0], 1, proj)
+        self.layer2 = self._make_layer(p[1], num_blocks[1], 2, proj)
+        self.layer3 = self._make_layer(p[2], num_blocks[2], 2, proj)
+        self.layer4 = self._make_layer(p[3], num_blocks[3], 2, proj)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(p[3], num_classes)
         init_torchvision_resnet(self)
 
     def _make_layer(self, planes: int, n: int, stride: int, proj: str) -> nn.Sequential:
@@ -394,9 +403,9 @@ def _channels(input_shape: Sequence[int]) -> int:
 
 
 @register_model("backdoorbench:preactresnet18")
-def bb_preactresnet18(num_classes: int = 10, input_shape: Shape = (3, 32, 32)) -> BBPreActResNet:
-    """BackdoorBench PreActResNet18 (no final BN, head 'linear'; PyTorch default init)."""
-    return BBPreActResNet((2, 2, 2, 2), num_classes, _channels(input_shape))
+def bb_preactresnet18(num_classes: int = 10, input_shape: Shape = (3, 32, 32), width: float = 1.0) -> BBPreActResNet:
+    """BackdoorBench PreActResNet18 (no final BN, head 'linear'; PyTorch default init); ``width`` 1 = the original."""
+    return BBPreActResNet((2, 2, 2, 2), num_classes, _channels(input_shape), width)
 
 
 @register_model("backdoorbench:resnet18")
@@ -446,9 +455,9 @@ def bb_mobilenet_v2(num_classes: int = 10, input_shape: Shape = (3, 32, 32)) -> 
 
 
 @register_model("bcu-authors:resnet18")
-def authors_resnet18(num_classes: int = 10, input_shape: Shape = (3, 32, 32)) -> DBDResNet:
-    """The BCU authors' CIFAR ResNet-18 (resnet18_DBD: 3x3 stem, 'shortcut.0/1', head 'fc')."""
-    return DBDResNet((2, 2, 2, 2), num_classes, _channels(input_shape), "shortcut")
+def authors_resnet18(num_classes: int = 10, input_shape: Shape = (3, 32, 32), width: float = 1.0) -> DBDResNet:
+    """The BCU authors' CIFAR ResNet-18 (resnet18_DBD: 3x3 stem, 'shortcut.0/1', head 'fc'); ``width`` 1 = the original."""
+    return DBDResNet((2, 2, 2, 2), num_classes, _channels(input_shape), "shortcut", width)
 
 
 @register_model("bcu-authors:resnet18comp")
