@@ -18,12 +18,12 @@ import json
 import platform
 import sys
 import time
+from dataclasses import asdict as to_dict
 from pathlib import Path
 
 import torch
 
 from bcu.attacks import create_attack
-from bcu.config import to_dict
 from bcu.data import AugmentConfig, load_dataset
 from bcu.defenses.bcu import Cleanser, preset
 from bcu.metrics import attack_scores
@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--unlabeled", type=int, default=2000, help="unlabeled images of the cleanse (disjoint)")
     ap.add_argument("--test-images", type=int, default=2000)
     ap.add_argument("--attack-epochs", type=int, default=10)
+    ap.add_argument("--poison-rate", type=float, default=0.2)
+    ap.add_argument("--patch-size", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=20, help="cleanse epochs (both presets; theirs: 100)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -54,7 +56,8 @@ def main() -> None:
     train = full.subset(perm[:args.train_images], "fashion-mnist:train")
     unlabeled = full.subset(perm[args.train_images:args.train_images + args.unlabeled], "fashion-mnist:train")
     test = test.subset(torch.arange(args.test_images), "fashion-mnist:test")
-    attack = create_attack("badnets", {"target": 0, "poison_rate": 0.1, "seed": args.seed}, train.shape, 10)
+    attack = create_attack("badnets", {"target": 0, "poison_rate": args.poison_rate,
+                                        "patch_size": args.patch_size, "seed": args.seed}, train.shape, 10)
     seeding.manual_seed(args.seed)
     model = create_model(args.arch, 10, train.shape, mean=(0.2860,), std=(0.3530,), width=args.width)
     optim = OptimConfig(epochs=args.attack_epochs, batch_size=128, lr=0.05)

@@ -86,7 +86,8 @@ def test_fresh_init_is_each_familys_own():
     w = a.layer3[1].conv2.weight
     assert abs(float(w.detach().std()) / math.sqrt(2 / (256 * 9)) - 1) < 0.02
     bound = 1 / math.sqrt(512)
-    assert float(a.fc.weight.detach().abs().max()) <= bound and abs(float(a.fc.weight.detach().std()) / (bound / math.sqrt(3)) - 1) < 0.05
+    fc = a.fc.weight.detach()
+    assert float(fc.abs().max()) <= bound and abs(float(fc.std()) / (bound / math.sqrt(3)) - 1) < 0.05
     p = MODELS.get("backdoorbench:preactresnet18")(num_classes=10, input_shape=(3, 32, 32))
     w = p.layer3[1].conv2.weight
     assert float(w.detach().abs().max()) <= 1 / math.sqrt(256 * 9) + 1e-7  # kaiming_uniform(a=sqrt 5): U(+-1/sqrt(fan_in))
@@ -165,6 +166,7 @@ def test_unknown_keys_are_refused_with_the_closest_family():
 # --------------------------------------------------------------------------------------------------
 # 3. attack_result.pt: the layouts, and a malicious variant of every field
 
+import functools  # noqa: E402
 import os  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -172,10 +174,14 @@ import numpy as np  # noqa: E402
 from bcu.errors import DataError  # noqa: E402
 
 
-def small_preact_state(num_classes: int = 10):
+@functools.lru_cache(maxsize=1)
+def _preact_state():
+    return det_state(meta_model("backdoorbench:preactresnet18", 10))
+
+
+def small_preact_state():
     """A BackdoorBench PreActResNet18 state dict (real keys and shapes, fixed values)."""
-    m = meta_model("backdoorbench:preactresnet18", num_classes)
-    return {k: v.contiguous() for k, v in det_state(m).items()}
+    return dict(_preact_state())
 
 
 def pil_images(n: int, side: int = 8, seed: int = 0):
@@ -266,7 +272,7 @@ class EvilEval:
 def _evil_variants(tmp_path: Path):
     """A malicious value in every field (and in every nested field of bd_test and the state dict)."""
     evil = Evil()
-    d = v1_result(n=2)
+    d = v1_result(n=2, state={"conv1.weight": torch.zeros(2, 3, 3, 3)})  # refused before the model matters
     bd = d["bd_test"]
     yield "model_name", dict(d, model_name=evil)
     yield "num_classes", dict(d, num_classes=EvilEval())
@@ -344,7 +350,7 @@ def test_forged_values_are_refused_before_allocation(tmp_path, what, value, mess
     """Allowed globals with forged arguments: refused by the checks, before anything is allocated."""
     from bcu.attack_result import read_attack_result
 
-    d = v1_result(n=2)
+    d = v1_result(n=2, state={"conv1.weight": torch.zeros(2, 3, 3, 3)})
     d["bd_test"]["x"] = [d["bd_test"]["x"][0], value]
     with pytest.raises(DataError) as e:
         read_attack_result(save(d, tmp_path))
@@ -355,7 +361,7 @@ def test_forged_values_are_refused_before_allocation(tmp_path, what, value, mess
 # 4. the `authors` preset: their re-init rule, their fresh init, their flip rule
 
 
-def _authors_reinit(arch: str, fresh: str = "family"):
+def _authors_reinit(arch: str, fresh: str = "family", **kw):
     import dataclasses
 
     from bcu.defenses.bcu import preset
@@ -363,14 +369,14 @@ def _authors_reinit(arch: str, fresh: str = "family"):
     from bcu.models import create_model
 
     cfg = dataclasses.replace(preset("authors").reinit, fresh=fresh)
-    m = create_model(arch, 10, (3, 32, 32))
+    m = create_model(arch, 10, (3, 32, 32), **kw)
     before = {k: v.clone() for k, v in m.net.state_dict().items()}
     layers = {l.name: l for l in reinitialize(m, (3, 32, 32), cfg)}
     return before, m.net.state_dict(), layers
 
 
 def test_authors_rule_gives_preactresnets_head_the_stems_ratio():
-    before, after, layers = _authors_reinit("backdoorbench:preactresnet18")
+    before, after, layers = _authors_reinit("backdoorbench:preactresnet18", width=0.25)
     assert layers["linear.weight"].ratio == layers["conv1.weight"].ratio == 0.01  # the head quirk
     assert layers["layer4.1.conv2.weight"].ratio == 0.27 and layers["layer2.0.shortcut.0.weight"].ratio == 0.03
     assert not any("bn" in k for k in layers)
@@ -384,7 +390,7 @@ def test_authors_rule_mixes_torchvision_downsample_batchnorm_and_fc_gets_its_rat
     _, _, layers = _authors_reinit("backdoorbench:resnet18")
     assert layers["layer3.0.downsample.1.weight"].ratio == 0.09  # a BN parameter with no 'bn' in its key
     assert layers["fc.weight"].ratio == 0.10
-    _, _, layers = _authors_reinit("bcu-authors:resnet18")
+    _, _, layers = _authors_reinit("bcu-authors:resnet18", width=0.25)
     assert not any("shortcut.1" in k for k in layers) and layers["layer3.0.shortcut.0.weight"].ratio == 0.09
 
 
@@ -392,16 +398,17 @@ def test_authors_fresh_values_come_from_the_familys_own_init():
     """Replaced entries of resnet18_DBD's layer4 are kaiming fan-out (about 2.45x the std of PyTorch's default)."""
     stds = {}
     for fresh in ("family", "layer"):
-        before, after, _ = _authors_reinit("bcu-authors:resnet18", fresh)
-        k = "layer4.1.conv2.weight"
+        before, after, _ = _authors_reinit("bcu-authors:resnet18", fresh, width=0.25)
+        k = "layer4.1.conv2.weight"  # 128 -> 128 channels at this width
         hit = before[k] != after[k]
         stds[fresh] = float(after[k][hit].std())
-    assert abs(stds["family"] / math.sqrt(2 / (512 * 9)) - 1) < 0.05
-    assert abs(stds["layer"] / (1 / math.sqrt(3 * 512 * 9)) - 1) < 0.05
+    assert abs(stds["family"] / math.sqrt(2 / (128 * 9)) - 1) < 0.05
+    assert abs(stds["layer"] / (1 / math.sqrt(3 * 128 * 9)) - 1) < 0.05
 
 
 def test_authors_flip_rule_and_presets_spell_out_the_new_options():
-    from bcu.config import to_dict
+    from dataclasses import asdict as to_dict
+
     from bcu.data import ImageSet
     from bcu.defenses.bcu import dataset_name, preset
 
@@ -415,3 +422,98 @@ def test_authors_flip_rule_and_presets_spell_out_the_new_options():
     assert dataset_name(ImageSet(img, None, None, "/data/fashion-mnist")) == "fashion-mnist"
     assert dataset_name(ImageSet(img, None, [str(i) for i in range(10)], "cifar:train")) == "cifar10"
     assert dataset_name(ImageSet(img, None, [str(i) for i in range(100)], "cifar:train")) == "cifar100"
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. end to end through the CLI: no --arch, no download, no torchvision
+
+
+def _unlabeled_npz(path: Path, n: int = 16, side: int = 4) -> Path:
+    rng = np.random.default_rng(1)
+    np.savez(path, x=rng.integers(0, 256, (n, 3, side, side), dtype=np.uint8))
+    return path
+
+
+def test_cli_cleanses_and_evaluates_a_backdoorbench_attack_result(tmp_path, capsys):
+    """`bcu cleanse --model attack_result.pt` (BackdoorBench PreActResNet18 keys, bd_test of PIL
+    images) without --arch, scored on the stored poisoned set, then `bcu evaluate --attack
+    attack_result.pt` on the cleansed model with no --data."""
+    from bcu.cli import main
+
+    result = save(v1_result(n=8, side=4), tmp_path / "record" / "badnet_run")
+    unl = _unlabeled_npz(tmp_path / "unl.npz")
+    out = tmp_path / "clean"
+    assert main(["cleanse", "--model", str(result), "--data", str(unl), "--out", str(out), "--attack", str(result),
+                 "--preset", "authors", "--epochs", "1", "--batch-size", "8", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "inferred architecture backdoorbench:preactresnet18" in err and "'cifar10'" in err
+    side = json.loads((out / "model.json").read_text())
+    assert side["arch"] == "backdoorbench:preactresnet18" and side["input_shape"] == [3, 4, 4]
+    assert side["mean"] == [0.4914, 0.4822, 0.4465]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["scores"]) == {"teacher", "cleansed"} and 0 <= report["scores"]["teacher"]["asr"] <= 100
+    assert report["config"]["reinit"]["rule"] == "names" and report["hflip"] is False  # npz: not cifar10
+    assert {l["name"]: l["ratio"] for l in report["layers"]}["linear.weight"] == 0.01
+    js = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(out), "--attack", str(result), "--json", str(js)]) == 0
+    ev = json.loads(js.read_text())
+    assert ev["attack"]["poisoned_images"] == 8 and "acc" not in ev
+    assert ev["asr"] == pytest.approx(report["scores"]["cleansed"]["asr"]) and ev["ra"] == pytest.approx(
+        report["scores"]["cleansed"]["ra"])
+
+
+def test_stored_attack_scores_count_hits_on_the_stored_targets():
+    """ASR = share classified as the stored bd targets, RA = share classified as the original labels."""
+    from bcu.attack_result import PoisonedSet, stored_attack_scores
+
+    class ByPixel(torch.nn.Module):  # predicts the class written in the first pixel
+        def forward(self, x):
+            return torch.nn.functional.one_hot((x[:, 0, 0, 0] * 255).round().long(), 10).float()
+
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.tensor([0, 0, 3, 5])
+    got = stored_attack_scores(ByPixel(), PoisonedSet(images, torch.zeros(4, dtype=torch.long),
+                                                     torch.tensor([1, 2, 3, 4])))
+    assert got == {"asr": 50.0, "ra": 25.0, "poisoned_images": 4}
+
+
+def test_cli_cleanses_the_authors_resnet18_state_dict_without_arch(tmp_path, capsys):
+    """The authors' on-disk formats: a bare resnet18_DBD state dict, and their defense_result.pt
+    ({'model_name', 'model', 'asr', 'acc', 'ra'}); both recognised from their keys."""
+    from bcu.cli import main
+
+    torch.manual_seed(0)
+    net = MODELS.get("bcu-authors:resnet18")(num_classes=10, input_shape=(3, 4, 4))
+    bare = tmp_path / "resnet18.pt"
+    torch.save(net.state_dict(), bare)
+    wrapped = tmp_path / "defense_result.pt"
+    torch.save({"model_name": "resnet18", "model": net.state_dict(), "asr": torch.tensor(0.9), "acc": torch.tensor(0.8),
+                "ra": -1}, wrapped)
+    unl = _unlabeled_npz(tmp_path / "unl.npz")
+    out = tmp_path / "out"
+    assert main(["cleanse", "--model", str(wrapped), "--data", str(unl), "--out", str(out), "--input-shape", "3,4,4",
+                 "--epochs", "1", "--batch-size", "8", "--no-progress"]) == 0
+    assert "inferred architecture bcu-authors:resnet18 from the weights' keys" in capsys.readouterr().err
+    assert json.loads((out / "model.json").read_text())["arch"] == "bcu-authors:resnet18"
+    assert main(["verify", str(bare)]) == 0
+    captured = capsys.readouterr()
+    assert "inferred architecture bcu-authors:resnet18" in captured.err and "bcu-authors:resnet18" in captured.out
+
+
+def test_cli_refuses_a_malicious_attack_result_and_an_ambiguous_state_dict(tmp_path, capsys):
+    from bcu.cli import main
+
+    Evil.marker = str(tmp_path / "PWNED")
+    bad = save(v1_result(n=2, model_name=Evil()), tmp_path / "evil")
+    unl = _unlabeled_npz(tmp_path / "unl.npz")
+    assert main(["cleanse", "--model", str(bad), "--data", str(unl), "--out", str(tmp_path / "o")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bcu: error: ") and "refusing to load posix.system" in err and "\n" not in err
+    assert not Path(Evil.marker).exists() and not (tmp_path / "o").exists()
+    assert main(["evaluate", "--model", str(bad), "--attack", str(bad)]) == 3
+    assert "refusing to load posix.system" in capsys.readouterr().err and not Path(Evil.marker).exists()
+    odd = tmp_path / "odd.pt"
+    torch.save({"w": torch.zeros(3)}, odd)
+    assert main(["evaluate", "--model", str(odd), "--data", str(unl)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "cannot tell the architecture" in err and "pass --arch" in err and "\n" not in err

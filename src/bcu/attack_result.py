@@ -28,6 +28,7 @@ Layouts read (docs/models.md):
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import math
 import pickle
@@ -379,6 +380,7 @@ class AttackResult:
     layout: str                             # which BackdoorBench layout the poisoned sets use
     bd_test: Optional[PoisonedSet] = None
     notes: List[str] = field(default_factory=list)
+    sha256: str = ""
 
     @property
     def input_shape(self) -> Tuple[int, int, int]:
@@ -554,7 +556,8 @@ def read_attack_result(path: Union[str, Path], with_test: bool = True) -> Attack
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}  # DataParallel
     clean = obj.get("clean_data")
     clean = clean if isinstance(clean, str) and len(clean) <= 64 else None
-    res = AttackResult(path, model_name, num_classes, (int(img[0]), int(img[1]), int(img[2])), state, clean, "none")
+    res = AttackResult(path, model_name, num_classes, (int(img[0]), int(img[1]), int(img[2])), state, clean, "none",
+                       sha256=hashlib.sha256(data).hexdigest())
     bd_test, res.layout = _bd_test(obj.get("bd_test"), res, where) if with_test else (None, "not read")
     res.bd_test = bd_test
     return res

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..config import check
+from ..errors import ModelError
 from .. import seeding
 from .tracing import TracedLayer, trace_layers
 
