@@ -43,7 +43,10 @@ import numpy as np
 import torch
 
 from .errors import DataError, show
-from .untrusted import GiB, MAX_CLASSES, MAX_IMAGE_PIXELS, MAX_SIDE, MiB, human, open_regular, read_bounded
+from .models import MODELS
+from .models.infer import Inferred, infer_architecture
+from .untrusted import (MAX_CLASSES, MAX_IMAGE_PIXELS, MAX_MODEL_BYTES, MAX_SIDE, GiB, MiB, human, open_regular,
+                        read_bounded)
 
 MAX_ATTACK_RESULT_BYTES = 8 * GiB   # an attack_result.pt: weights + poisoned train and test images
 
@@ -439,8 +442,6 @@ def _stack(images: List[np.ndarray], c: int, h: int, w: int, where: str) -> torc
 def _read_png(path: Path, where: str) -> np.ndarray:
     from PIL import Image
 
-    from .untrusted import MAX_MODEL_BYTES
-
     raw = read_bounded(path, MAX_MODEL_BYTES, "images", DataError)
     try:
         with Image.open(io.BytesIO(raw)) as im:
@@ -567,18 +568,14 @@ def model_candidates(model_name: str) -> List[str]:
     """Registered architectures whose name (after the ``family:`` prefix, ignoring ``_``) is
     ``model_name``: BackdoorBench's ``resnet18`` is torchvision's, the authors' is resnet18_DBD,
     so the keys decide among them (:func:`bcu.models.infer.infer_architecture`)."""
-    from .models import MODELS
-
     want = model_name.lower().replace("_", "").replace("-", "")
     return [n for n in MODELS.names() if n.split(":")[-1].replace("_", "").replace("-", "") == want]
 
 
-def infer_model(res: AttackResult):
+def infer_model(res: AttackResult) -> Inferred:
     """The registered architecture of ``res``'s state dict: among those named like ``model_name``
     (:func:`model_candidates`) when there are any, else among all, by keys and shapes, with the
     file's ``num_classes`` and ``img_size``."""
-    from .models.infer import infer_architecture
-
     names = model_candidates(res.model_name)
     where = f"{res.path} (model_name {res.model_name!r})"
     return infer_architecture(res.state, where, num_classes=res.num_classes, input_shape=res.input_shape,

@@ -22,9 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from .attack_result import infer_model, is_attack_result, read_attack_result
 from .config import from_dict
-from .errors import ConfigError, ModelError, show
+from .errors import ConfigError, DataError, ModelError, show
 from .models import Classifier, ModelSpec, build
+from .models.infer import infer_architecture
 from .output import atomic_write_bytes, atomic_write_json
 from . import untrusted
 from .untrusted import human, open_regular, parse_json, read_bounded
@@ -283,8 +285,6 @@ def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: 
     set's normalisation (:mod:`bcu.attack_result`). Explicit arguments override all of these, and
     any disagreement between the weights and the architecture is a ModelError.
     """
-    from .attack_result import is_attack_result
-
     weights, side = resolve_model_path(path)
     suffix = weights.suffix.lower()
     defaults: Dict[str, Any] = {}
@@ -307,8 +307,6 @@ def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: 
         if suffix == ".safetensors":
             raise ModelError(f"{weights} has no sidecar {weights.with_suffix('.json').name}; pass --arch "
                              f"(and --num-classes, --input-shape) to say what it is")
-        from .models.infer import infer_architecture
-
         found = infer_architecture(state, str(weights), num_classes=num_classes, input_shape=input_shape)
         defaults = {"arch": found.arch, "num_classes": found.num_classes, "input_shape": found.input_shape,
                     "kwargs": dict(found.kwargs)}
@@ -342,9 +340,6 @@ def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: 
 
 def _read_attack_result(path: Path, arch: Optional[str]) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, Any], str]:
     """(state, sha256, spec defaults, what was inferred) of a BackdoorBench ``attack_result.pt``."""
-    from .attack_result import infer_model, read_attack_result
-    from .errors import DataError
-
     try:
         res = read_attack_result(path, with_test=False)
     except DataError as e:

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..config import check
 from ..errors import ModelError
+from ..models import Classifier, build
 from .. import seeding
 from .tracing import TracedLayer, trace_layers
 
@@ -187,8 +188,6 @@ def _fresh_copy(module: nn.Module, seed: int) -> nn.Module:
 def fresh_network(model: nn.Module, seed: int) -> nn.Module:
     """A new model of ``model``'s architecture from its constructor (``fresh: family``): a bcu
     :class:`~bcu.models.Classifier` is rebuilt from its spec, under ``seed``."""
-    from ..models import Classifier, build
-
     if not isinstance(model, Classifier):
         raise ModelError("reinit.fresh=family needs a bcu model (it builds a fresh one from the architecture's "
                          "constructor); use fresh=layer for other modules")
