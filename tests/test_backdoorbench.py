@@ -129,7 +129,7 @@ def test_aliases_are_reported_as_one_network():
     from bcu.models.infer import infer_architecture
 
     got = infer_architecture(meta_model("bcu-authors:vgg16bn").state_dict())
-    assert got.arch == "backdoorbench:vgg16_bn" and got.same_as == ["bcu-authors:vgg16bn"]
+    assert got.arch == "backdoorbench:vgg16_bn" and got.same_as == ["bcu-authors:vgg16bn", "torchvision:vgg16_bn"]
     assert "assumed" in got.describe()  # VGG's weights do not record the input size
 
 
@@ -149,6 +149,39 @@ def test_two_networks_with_the_same_keys_are_refused_as_ambiguous():
     finally:
         MODELS._items.pop("test:preact-twin")
         MODELS._help.pop("test:preact-twin")
+
+
+def test_torchvision_names_are_candidates_where_torchvision_is_installed():
+    """With a stand-in for ``torchvision.models`` (torchvision is not a dependency): its names are
+    registered as ``torchvision:<name>``, recognised from their keys, and the ones that are a
+    BackdoorBench family's network are reported once, under the BackdoorBench name."""
+    from types import SimpleNamespace
+
+    from bcu.models import backdoorbench as bb
+    from bcu.models import external
+    from bcu.models.infer import infer_architecture
+
+    def get_model(name, weights=None, num_classes=1000):
+        assert weights is None
+        nets = {"resnet18": lambda: bb.TVResNet((2, 2, 2, 2), num_classes),
+                "resnet34": lambda: bb.TVResNet((3, 4, 6, 3), num_classes)}
+        if name not in nets:
+            raise ValueError(f"no {name} in this stand-in")
+        return nets[name]()
+
+    before = set(MODELS.names())
+    try:
+        assert external.register_torchvision(SimpleNamespace(get_model=get_model)) == len(external.TORCHVISION_NAMES)
+        with torch.device("meta"):
+            r34 = bb.TVResNet((3, 4, 6, 3), 7)
+        got = infer_architecture(r34.state_dict())
+        assert (got.arch, got.num_classes, got.input_shape) == ("torchvision:resnet34", 7, (3, 224, 224))
+        got = infer_architecture(meta_model("backdoorbench:resnet18").state_dict())
+        assert got.arch == "backdoorbench:resnet18" and "torchvision:resnet18" in got.same_as
+    finally:
+        for name in set(MODELS.names()) - before:
+            MODELS._items.pop(name)
+            MODELS._help.pop(name)
 
 
 def test_unknown_keys_are_refused_with_the_closest_family():
@@ -250,6 +283,12 @@ def test_oldest_and_v2_layouts(tmp_path):
     res = read_attack_result(save(v1_result(bd_test=state, bd_train=None), folder))
     assert res.layout == "v2-folder" and torch.equal(res.bd_test.images, torch.from_numpy(arr).permute(0, 3, 1, 2))
     assert res.bd_test.original_targets.tolist() == [1, 2, 3, 4]
+    (folder / "bd_test_dataset" / "3" / "2.png").unlink()
+    with pytest.raises(DataError, match=r"bd_test_dataset/3/2.png does not exist"):
+        read_attack_result(folder / "attack_result.pt")
+    entries[np.int64(0)]["path"] = "./record/run/../../x.png"  # never read outside the result's folder
+    with pytest.raises(DataError, match="is not <folder>/<label>/<index>.png"):
+        read_attack_result(save(v1_result(bd_test=state), folder))
     ram = dict(state, bd_data_container={"data_dict": {i: (im, 0, i + 1) for i, im in enumerate(imgs)}})
     res = read_attack_result(save(v1_result(bd_test=ram), tmp_path / "ram"))
     assert res.layout == "v2-memory" and torch.equal(res.bd_test.images, torch.from_numpy(arr).permute(0, 3, 1, 2))
@@ -343,6 +382,20 @@ def _forged():
            Forged(torch._utils._rebuild_tensor_v2, (storage, 0, (10 ** 6,), (1,), False, OrderedDict())),
            "beyond its storage")
     yield ("bytes(10^12)", Forged(bytes, (10 ** 12,)), "bytes() with arguments")
+
+
+def test_not_a_torch_zip_and_poisoned_images_of_another_size(tmp_path):
+    from types import SimpleNamespace
+
+    from bcu.attack_result import read_attack_result
+    from bcu.workflows import stored_poisoned_set
+
+    (tmp_path / "attack_result.pt").write_bytes(b"\x80\x02}q\x00.")  # a bare (legacy-style) pickle
+    with pytest.raises(DataError, match="is not a torch zip file"):
+        read_attack_result(tmp_path / "attack_result.pt")
+    p = save(v1_result(n=2, side=8, state={"conv1.weight": torch.zeros(2, 3, 3, 3)}), tmp_path / "r")
+    with pytest.raises(DataError, match=r"poisoned images are 3x8x8 but the model expects 3x32x32"):
+        stored_poisoned_set(str(p), SimpleNamespace(spec=SimpleNamespace(input_shape=(3, 32, 32))))
 
 
 @pytest.mark.parametrize("what, value, message", list(_forged()), ids=[w for w, _, _ in _forged()])
@@ -498,6 +551,9 @@ def test_cli_cleanses_the_authors_resnet18_state_dict_without_arch(tmp_path, cap
     assert main(["verify", str(bare)]) == 0
     captured = capsys.readouterr()
     assert "inferred architecture bcu-authors:resnet18" in captured.err and "bcu-authors:resnet18" in captured.out
+    assert main(["evaluate", "--model", str(bare), "--input-shape", "3,4,4"]) == 2  # no --data, no attack result
+    assert "bcu: error: bcu evaluate needs --data (labelled test images), unless --attack is an attack_result.pt" \
+        in capsys.readouterr().err
 
 
 def test_cli_refuses_a_malicious_attack_result_and_an_ambiguous_state_dict(tmp_path, capsys):

@@ -45,7 +45,7 @@ import torch
 from .errors import DataError, show
 from .models import MODELS
 from .models.infer import Inferred, infer_architecture
-from .untrusted import (MAX_CLASSES, MAX_IMAGE_PIXELS, MAX_MODEL_BYTES, MAX_SIDE, GiB, MiB, human, open_regular,
+from .untrusted import (MAX_CLASSES, MAX_IMAGE_PIXELS, MAX_MODEL_BYTES, MAX_RESIDENT_BYTES, MAX_SIDE, GiB, MiB, human,
                         read_bounded)
 
 MAX_ATTACK_RESULT_BYTES = 8 * GiB   # an attack_result.pt: weights + poisoned train and test images
@@ -429,8 +429,8 @@ def _labels(v: Any, n: int, what: str, where: str, classes: int) -> torch.Tensor
     return torch.from_numpy(v.astype(np.int64))
 
 
-def _stack(images: List[np.ndarray], c: int, h: int, w: int, where: str) -> torch.Tensor:
-    for i, im in enumerate(images):
+def _stack(images: List[np.ndarray], c: int, h: int, w: int, where: str, first: int = 0) -> torch.Tensor:
+    for i, im in enumerate(images, first):
         if im.shape != (h, w, c):
             raise DataError(f"{where}: poisoned image {i} is {im.shape[1]}x{im.shape[0]} with {im.shape[2]} channels, "
                             f"not the {w}x{h}x{c} of img_size")
@@ -482,14 +482,18 @@ def _bd_test(d: Any, res: AttackResult, where: str) -> Tuple[Optional[PoisonedSe
         items = sorted(box["data_dict"].items(), key=lambda kv: kv[0] if _is_int(kv[0]) else -1)
         if any(not _is_int(k) for k, _ in items):
             raise DataError(f"{where}: bd_test.data_dict keys must be integer indices")
+        if len(items) * c * h * w > MAX_RESIDENT_BYTES:
+            raise DataError(f"{where}: {len(items)} poisoned images of {w}x{h}x{c} take more than the "
+                            f"{human(MAX_RESIDENT_BYTES)} bcu loads into memory")
         images, bd, orig = [], [], []
         kind = "v2-folder"
         for k, v in items:
-            if isinstance(v, dict):  # PNG on disk
+            if isinstance(v, dict):  # PNG on disk, checked against img_size as it is read
                 info = v.get("other_info")
                 if not (isinstance(info, (list, tuple)) and len(info) >= 2 and all(_is_int(x) for x in info[:2])):
                     raise DataError(f"{where}: bd_test entry {k} has no [bd_label, label] other_info")
                 images.append(_read_png(_v2_image_path(res.path.parent, v.get("path"), where), where))
+                _stack(images[-1:], c, h, w, where, len(images) - 1)
                 bd.append(info[0])
                 orig.append(info[1])
             elif isinstance(v, tuple) and len(v) >= 3 and isinstance(v[0], _PILImage):  # in-memory mode
@@ -533,8 +537,6 @@ def _bd_test(d: Any, res: AttackResult, where: str) -> Tuple[Optional[PoisonedSe
 def read_attack_result(path: Union[str, Path], with_test: bool = True) -> AttackResult:
     """Read ``attack_result.pt`` (see the module docstring); every problem is one DataError line."""
     path = Path(path)
-    with open_regular(path, "attack results", DataError, MAX_ATTACK_RESULT_BYTES):
-        pass
     data = read_bounded(path, MAX_ATTACK_RESULT_BYTES, "attack results", DataError)
     obj = unpickle_torch_zip(data, str(path))
     where = str(path)

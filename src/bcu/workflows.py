@@ -495,10 +495,10 @@ def evaluate(model_path: PathLike, data: Optional[str], *, split_name: str = "te
     if json_out:  # checked before the work: an existing file, a link, the model's own sidecar... are refused
         out_file = OutputFile(json_out, overwrite=overwrite, flag="--json",
                               inputs=command_inputs(data, attack_spec, models=[model_path, original])).check()
+    if data is None and not (attack_spec and is_attack_result(attack_spec)):
+        raise ConfigError("bcu evaluate needs --data (labelled test images), unless --attack is an attack_result.pt")
     model, info = open_model(model_path, model_options)
     poisoned = stored_poisoned_set(attack_spec, model)
-    if data is None and poisoned is None:
-        raise ConfigError("bcu evaluate needs --data (labelled test images), unless --attack is an attack_result.pt")
     test = None
     if data is not None:
         test = load_dataset(data, split=split_name, labels=True)

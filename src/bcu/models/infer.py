@@ -15,7 +15,8 @@ architecture-specific knowledge:
 
 The candidate is kept only if a model built with the values read has exactly the file's keys and
 shapes. Several registered names may build the same network (:data:`SAME_NETWORK`); they count
-as one. Two different networks that both fit are refused as ambiguous, with one line.
+as one. Two different networks that both fit are refused as ambiguous, with one line. Where
+torchvision is installed its classifiers are candidates too (:mod:`bcu.models.external`).
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ import torch
 
 from ..errors import ModelError
 from .backdoorbench import ALIASES
+from .external import SAME_AS
 from .registry import MODELS
 
 Shapes = Dict[str, Tuple[int, ...]]
 
 #: names that build the very same network as the name they map to (keys, forward and init); the
 #: target is the one reported
-SAME_NETWORK: Dict[str, str] = dict(ALIASES)
+SAME_NETWORK: Dict[str, str] = {**ALIASES, **SAME_AS}
 
 #: input sides tried, in order, for architectures whose weights depend on the input size
 COMMON_SIDES = (28, 32, 64, 224, 16, 96, 128, 256, 8, 48, 299)
