@@ -327,7 +327,7 @@ def inspect_data(model_path: PathLike, data: str, *, split_name: str = "train", 
     if json_out:
         out_file = OutputFile(json_out, overwrite=overwrite, flag="--json",
                               inputs=command_inputs(data, models=[model_path])).check()
-    model, info = load_model(model_path, **(model_options or {}))
+    model, info = open_model(model_path, model_options)
     images = load_dataset(data, split=split_name, labels=False, stream=stream)
     require_images(model, images, data)
     cfg = DiagnosisConfig(images=max_images) if max_images else DiagnosisConfig()
@@ -356,7 +356,7 @@ def scan_model(model_path: PathLike, data: str, *, split_name: str = "train", cf
     if json_out:
         out_file = OutputFile(json_out, overwrite=overwrite, flag="--json",
                               inputs=command_inputs(data, models=[model_path])).check()
-    model, info = load_model(model_path, **(model_options or {}))
+    model, info = open_model(model_path, model_options)
     images = load_dataset(data, split=split_name, labels=False)
     require_images(model, images, data)
     cfg = cfg or ScanConfig()
