@@ -22,10 +22,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from .attack_result import infer_model, is_attack_result, read_attack_result
 from .config import from_dict, yaml_load
-from .errors import ConfigError, ModelError, show
+from .errors import ConfigError, DataError, ModelError, show
 from .models import (HUB_CONFIG, Classifier, ModelSpec, build, hub_config_bytes, library_normalization,
                      spec_from_hub_config)
+from .models.infer import infer_architecture
 from .output import atomic_write_bytes, atomic_write_json
 from . import untrusted
 from .untrusted import human, open_regular, parse_json, read_bounded
@@ -302,39 +304,53 @@ def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: 
                input_shape: Optional[Tuple[int, int, int]] = None, mean: Optional[Tuple[float, ...]] = None,
                std: Optional[Tuple[float, ...]] = None, norm: Optional[str] = None,
                **kwargs: Any) -> Tuple[Classifier, Dict[str, Any]]:
-    """Load a model safely. Returns (model in eval mode, info with 'sha256', 'sidecar', 'path', 'format').
+    """Load a model safely. Returns (model in eval mode, info with 'sha256', 'sidecar', 'path', 'format',
+    and 'inferred' when the architecture was inferred).
 
-    A safetensors file needs its sidecar (or ``arch`` and friends); a torch state dict needs
-    ``arch`` unless a sidecar with the same stem sits beside it; a Hub-style folder
-    (``config.json`` + ``model.safetensors``, as timm writes it) describes itself. Explicit
-    arguments override the sidecar (``kwargs`` are constructor options, ``--arch-opt``), ``norm``
-    (``"timm"``, ``"torchvision"``) takes mean/std from the library's pretrained config, and any
-    disagreement between the weights and the architecture is a ModelError.
+    A safetensors file needs its sidecar (or ``arch`` and friends). A torch state dict without a
+    sidecar or ``arch`` has its architecture inferred from its keys and shapes
+    (:mod:`bcu.models.infer`); a BackdoorBench ``attack_result.pt`` supplies the state dict,
+    architecture, classes, input shape and its data set's normalisation (:mod:`bcu.attack_result`);
+    a Hub-style folder (``config.json`` + ``model.safetensors``, as timm writes it) describes
+    itself. Explicit arguments override all of these (``kwargs`` are constructor options,
+    ``--arch-opt``), ``norm`` (``"timm"``, ``"torchvision"``) takes mean/std from the library's
+    pretrained config, and any disagreement between the weights and the architecture is a ModelError.
 
     >>> model, info = load_model("resnet18.pt", arch="torchvision:resnet18", num_classes=10,
     ...                          input_shape=(3, 32, 32), norm="torchvision")       # doctest: +SKIP
     """
     weights, side = resolve_model_path(path)
     suffix = weights.suffix.lower()
-    if suffix == ".safetensors":
+    defaults: Dict[str, Any] = {}
+    note: Optional[str] = None
+    if suffix in TORCH_EXTENSIONS and is_attack_result(weights):
+        state, digest, defaults, note = _read_attack_result(weights, arch)
+        side = None
+    elif suffix == ".safetensors":
         state, digest = _read_safetensors(weights)
     elif suffix in TORCH_EXTENSIONS:
         state, digest = _read_torch(weights)
     else:
         raise ModelError(f"{weights}: unsupported model file (use .safetensors with a sidecar, or "
                          f"{'/'.join(TORCH_EXTENSIONS)} with --arch)")
+    state = _strip_prefixes(state)
     sidecar: Dict[str, Any] = {}
     hub = side is not None and side.name == HUB_CONFIG
     if hub:
         sidecar = read_hub_config(side)
     elif side is not None and side.is_file():
         sidecar = read_sidecar(side)
-    elif arch is None:
-        raise ModelError(f"{weights} has no sidecar {weights.with_suffix('.json').name}; pass --arch "
-                         f"(and --num-classes, --input-shape) to say what it is")
+    elif arch is None and not defaults:
+        if suffix == ".safetensors":
+            raise ModelError(f"{weights} has no sidecar {weights.with_suffix('.json').name}; pass --arch "
+                             f"(and --num-classes, --input-shape) to say what it is")
+        found = infer_architecture(state, str(weights), num_classes=num_classes, input_shape=input_shape)
+        defaults = {"arch": found.arch, "num_classes": found.num_classes, "input_shape": found.input_shape,
+                    "kwargs": dict(found.kwargs)}
+        note = found.describe()
     if sidecar.get("sha256") and sidecar["sha256"] != digest:
         raise ModelError(f"{weights} does not match the SHA-256 in its sidecar (modified or corrupt)")
-    merged = dict(sidecar)
+    merged = {**defaults, **sidecar}
     for key, val in (("arch", arch), ("num_classes", num_classes), ("input_shape", input_shape),
                      ("mean", mean), ("std", std)):
         if val is not None:
@@ -360,7 +376,6 @@ def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: 
             if key not in merged:
                 raise ModelError(f"{side} records no {key} (pretrained_cfg); pass {flag}")
     spec = spec_from_sidecar(merged, str(side) if side else "model options")
-    state = _strip_prefixes(state)
     check_finite(state, str(weights))  # dtypes and NaN/Inf before anything is built
     try:  # built on the meta device first: the weights file bounds what is allocated
         model = build(spec, check_state=lambda own: match_state(own, state, spec, str(weights)))
@@ -368,8 +383,11 @@ def load_model(path: Union[str, Path], arch: Optional[str] = None, num_classes: 
         raise ModelError(str(e)) from None
     load_state_into(model, state, str(weights))
     model.eval()
-    return model, {"sha256": digest, "sidecar": {} if hub else sidecar, "path": str(weights),
-                   "format": "hub" if hub else ("bcu" if sidecar else "state dict")}
+    info: Dict[str, Any] = {"sha256": digest, "sidecar": {} if hub else sidecar, "path": str(weights),
+                            "format": "hub" if hub else ("bcu" if sidecar else "state dict")}
+    if note:
+        info["inferred"] = note
+    return model, info
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,3 +436,25 @@ def verify_folder(model: Classifier, info: Mapping[str, Any]) -> list:
                 raise ModelError(f"{hub} says {key} {show(cfg[key])}, the sidecar {show(want)}")
         checked.append("config.json")
     return checked
+
+
+def _read_attack_result(path: Path, arch: Optional[str]) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, Any], str]:
+    """(state, sha256, spec defaults, what was inferred) of a BackdoorBench ``attack_result.pt``."""
+    try:
+        res = read_attack_result(path, with_test=False)
+    except DataError as e:
+        raise ModelError(str(e)) from None
+    defaults: Dict[str, Any] = {"num_classes": res.num_classes, "input_shape": res.input_shape}
+    norm = res.normalization
+    if norm is not None:
+        defaults["mean"], defaults["std"] = norm
+    where = f"BackdoorBench attack result (model_name {res.model_name!r}, data {res.clean_data or 'unknown'!r}"
+    if arch is None:
+        found = infer_model(res)
+        defaults.update(arch=found.arch, kwargs=dict(found.kwargs))
+        note = f"{where}): {found.describe()}"
+    else:
+        note = f"{where}): architecture {arch} as given"
+    if norm is None:
+        note += "; no known normalisation for its data set (pass --mean/--std)"
+    return res.state, res.sha256, defaults, note

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 from . import runtime, workflows
 from .attacks import ATTACKS
 from .bench import load_config, run_bench
-from .checkpoint import load_model, verify_folder
+from .checkpoint import verify_folder
 from .config import describe, yaml_load
 from .defenses import DEFENSES
 from .demo import run_demo
@@ -261,7 +261,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    model, info = load_model(args.model, **model_options(args))
+    model, info = workflows.open_model(args.model, model_options(args))
     spec = model.spec
     if info["sidecar"] and not info["sidecar"].get("sha256"):
         raise ModelError(f"sidecar of {info['path']} records no sha256: the weights cannot be verified")
@@ -384,9 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="ACC, ASR, RA (and DER against the original model)")
     e.add_argument("--model", required=True)
-    e.add_argument("--data", required=True, help="labelled test data")
+    e.add_argument("--data", help="labelled test data (may be left out when --attack is an attack_result.pt)")
     e.add_argument("--split", default="test", choices=["train", "test"])
-    e.add_argument("--attack", help="attack artifact folder (from `bcu attack`) or attack name")
+    e.add_argument("--attack", help="attack artifact folder (from `bcu attack`), attack name, or a BackdoorBench "
+                                    "attack_result.pt (scored on its stored poisoned test set)")
     e.add_argument("--set", action="append", default=[], metavar="attack.KEY=VALUE")
     e.add_argument("--original", help="the model before defense, for DER")
     e.add_argument("--json", help="also write the results to this JSON file")

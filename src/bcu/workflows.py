@@ -25,6 +25,7 @@ import numpy as np
 from torch import nn
 
 from . import dist, seeding
+from .attack_result import PoisonedSet, is_attack_result, read_attack_result, stored_attack_scores
 from .attacks import Attack, create_attack, load_attack
 from .checkpoint import OUT_FORMATS, load_model, resolve_model_path, save_model
 from .config import deep_merge, from_dict, load_file, parse_overrides
@@ -75,6 +76,30 @@ def command_inputs(*specs: Any, models: Sequence[Any] = ()) -> List[str]:
     return out
 
 
+def open_model(path: PathLike, options: Optional[Dict[str, Any]] = None) -> Tuple[Classifier, Dict[str, Any]]:
+    """:func:`bcu.checkpoint.load_model`, saying on stderr what it inferred (a bare state dict's
+    architecture, an attack result's model)."""
+    model, info = load_model(path, **(options or {}))
+    if info.get("inferred"):
+        print(f"bcu: {info['inferred']}", file=sys.stderr)
+    return model, info
+
+
+def stored_poisoned_set(spec: Optional[str], model: Classifier) -> Optional[PoisonedSet]:
+    """The poisoned test set of an ``attack_result.pt`` given as ``--attack`` (None for any other spec),
+    checked against the model's input shape."""
+    if not spec or not is_attack_result(spec):
+        return None
+    res = read_attack_result(spec)
+    if res.bd_test is None:
+        raise DataError(f"{spec} stores no poisoned test set (bd_test)")
+    shape = tuple(res.bd_test.images.shape[1:])
+    if shape != tuple(model.spec.input_shape):
+        raise DataError(f"{spec}: poisoned images are {'x'.join(map(str, shape))} but the model expects "
+                        f"{'x'.join(map(str, model.spec.input_shape))}")
+    return res.bd_test
+
+
 def require_images(model: nn.Module, data: Images, where: str) -> None:
     """Images of the wrong channel count or size are refused before any output is written."""
     if len(data) == 0:
@@ -84,6 +109,9 @@ def require_images(model: nn.Module, data: Images, where: str) -> None:
 
 def attack_from_spec(spec: str, overrides: Dict[str, Any], image_shape, num_classes: int) -> Attack:
     """An attack from an artifact folder/JSON written by `bcu attack`, or a registered name."""
+    if is_attack_result(spec):
+        raise ConfigError(f"{spec} is a BackdoorBench attack result: it is scored on its stored poisoned set, "
+                          f"not re-applied as an attack")
     p = Path(spec)
     if p.exists():
         if p.is_dir() and not (p / "attack.json").is_file():
@@ -273,6 +301,21 @@ def _scan_summary(result: Dict[str, Any]) -> str:
     return f"class {c['name']} flagged (stamp {c['l1']:.1f} px, {c['ratio']:.1f}x smaller than the median class)"
 
 
+def stored_before_after(teacher: nn.Module, cleansed: nn.Module, poisoned: PoisonedSet, test: Optional[ImageSet],
+                        device: str) -> Tuple[Dict[str, Dict[str, Any]], Optional[float]]:
+    """ASR/RA of the teacher and the cleansed model on an attack result's stored poisoned set (ACC and
+    DER too when labelled test images are given)."""
+    scores = {}
+    for name, m in (("teacher", teacher), ("cleansed", cleansed)):
+        scores[name] = {k: v for k, v in stored_attack_scores(m, poisoned, device).items() if k != "poisoned_images"}
+        if test is not None:
+            scores[name] = {"acc": accuracy(m, test, device), **scores[name]}
+    if test is None:
+        return scores, None
+    t, c = scores["teacher"], scores["cleansed"]
+    return scores, (max(0.0, t["asr"] - c["asr"]) - max(0.0, t["acc"] - c["acc"]) + 100.0) / 2.0
+
+
 @dataclass
 class CleanseOutcome:
     out: Optional[Path]
@@ -306,7 +349,7 @@ def inspect_data(model_path: PathLike, data: str, *, split_name: str = "train", 
     if json_out:
         out_file = OutputFile(json_out, overwrite=overwrite, flag="--json",
                               inputs=command_inputs(data, models=[model_path])).check()
-    model, info = load_model(model_path, **(model_options or {}))
+    model, info = open_model(model_path, model_options)
     images = load_dataset(data, split=split_name, labels=False, stream=stream)
     require_images(model, images, data)
     cfg = DiagnosisConfig(images=max_images) if max_images else DiagnosisConfig()
@@ -335,7 +378,7 @@ def scan_model(model_path: PathLike, data: str, *, split_name: str = "train", cf
     if json_out:
         out_file = OutputFile(json_out, overwrite=overwrite, flag="--json",
                               inputs=command_inputs(data, models=[model_path])).check()
-    model, info = load_model(model_path, **(model_options or {}))
+    model, info = open_model(model_path, model_options)
     images = load_dataset(data, split=split_name, labels=False)
     require_images(model, images, data)
     cfg = cfg or ScanConfig()
@@ -362,7 +405,7 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
     ``scan_cfg`` runs the label-free trigger scan (:mod:`bcu.scan`) on the teacher and the cleansed
     model with the unlabeled images, into the report and the model card (``README.md``)."""
     check_out_format(out_format, model_options)
-    model, info = load_model(model_path, **(model_options or {}))
+    model, info = open_model(model_path, model_options)
     check_out_format(out_format, {"arch": model.spec.arch})
     if scan_cfg is not None and data == NO_DATA and not os.path.lexists(data):
         raise ConfigError("--scan needs unlabeled images; --data none has none")
@@ -386,10 +429,11 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
         dist.shutdown()
         return CleanseOutcome(None)
     test = atk = None
+    poisoned = stored_poisoned_set(attack_spec, model)
     if test_data:
         test = load_dataset(test_data, split="test", labels=True)
         require_images(model, test, test_data)
-        if attack_spec:
+        if attack_spec and poisoned is None:
             atk = attack_from_spec(attack_spec, {}, model.spec.input_shape, model.spec.num_classes)
     data_sha = images.fingerprint() if images is not None else None
     values = {"command": "cleanse", "model_sha256": info["sha256"], "data_sha256": data_sha,
@@ -412,7 +456,9 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
         sidecar = save_model(result.model.cpu(), o.path, extra={"cleansed_by": "bcu", "teacher_sha256": info["sha256"]},
                              out_format=out_format)
         der_value = None
-        if test is not None:
+        if poisoned is not None:
+            scores, der_value = stored_before_after(model, result.model, poisoned, test, device)
+        elif test is not None:
             scores, der_value = before_after(model, result.model, test, atk, device)
         scans = None
         if scan_cfg is not None and images is not None:
@@ -449,7 +495,7 @@ def defend(name: str, model_path: PathLike, out: PathLike, *, data: Optional[str
     cls = DEFENSES.get(name)
     over: Dict[str, Any] = load_file(config) if config else {}
     defense = create_defense(name, deep_merge(over, parse_overrides(sets)))
-    model, info = load_model(model_path, **(model_options or {}))
+    model, info = open_model(model_path, model_options)
     images = None
     if cls.uses_data:
         if not data:
@@ -479,23 +525,42 @@ class Evaluation:
     named: Dict[str, Dict[str, Any]]
 
 
-def evaluate(model_path: PathLike, data: str, *, split_name: str = "test", attack_spec: Optional[str] = None,
-             sets: Sequence[str] = (), original: Optional[PathLike] = None, json_out: Optional[PathLike] = None,
-             overwrite: bool = False, model_options: Optional[Dict[str, Any]] = None,
-             device: str = "cpu") -> Evaluation:
-    """``bcu evaluate``: ACC on labelled data; ASR, RA (and DER against ``original``) with an attack."""
+def evaluate(model_path: PathLike, data: Optional[str], *, split_name: str = "test",
+             attack_spec: Optional[str] = None, sets: Sequence[str] = (), original: Optional[PathLike] = None,
+             json_out: Optional[PathLike] = None, overwrite: bool = False,
+             model_options: Optional[Dict[str, Any]] = None, device: str = "cpu") -> Evaluation:
+    """``bcu evaluate``: ACC on labelled data; ASR, RA (and DER against ``original``) with an attack.
+    An ``attack_result.pt`` as the attack is scored on its stored poisoned test set; ``data`` (for
+    ACC) may then be left out."""
     out_file = None
     if json_out:  # checked before the work: an existing file, a link, the model's own sidecar... are refused
         out_file = OutputFile(json_out, overwrite=overwrite, flag="--json",
                               inputs=command_inputs(data, attack_spec, models=[model_path, original])).check()
-    model, info = load_model(model_path, **(model_options or {}))
-    test = load_dataset(data, split=split_name, labels=True)
-    if test.shape != tuple(model.spec.input_shape):
-        raise DataError(f"test images are {'x'.join(map(str, test.shape))} but the model expects "
-                        f"{'x'.join(map(str, model.spec.input_shape))}")
-    result: Dict[str, Any] = {"model": str(model_path), "sha256": info["sha256"], "data": str(data)}
+    if data is None and not (attack_spec and is_attack_result(attack_spec)):
+        raise ConfigError("bcu evaluate needs --data (labelled test images), unless --attack is an attack_result.pt")
+    model, info = open_model(model_path, model_options)
+    poisoned = stored_poisoned_set(attack_spec, model)
+    test = None
+    if data is not None:
+        test = load_dataset(data, split=split_name, labels=True)
+        if test.shape != tuple(model.spec.input_shape):
+            raise DataError(f"test images are {'x'.join(map(str, test.shape))} but the model expects "
+                            f"{'x'.join(map(str, model.spec.input_shape))}")
+    result: Dict[str, Any] = {"model": str(model_path), "sha256": info["sha256"], "data": data}
     named: Dict[str, Dict[str, Any]] = {}
-    if attack_spec:
+    if poisoned is not None:
+        orig = open_model(original, model_options)[0] if original else None
+        scores, der_value = stored_before_after(orig if orig is not None else model, model, poisoned, test, device)
+        named = {"original": scores["teacher"], "model": scores["cleansed"]} if orig is not None else \
+            {"model": scores["cleansed"]}
+        result.update(named["model"])
+        result["attack"] = {"attack_result": str(attack_spec), "poisoned_images": len(poisoned.images)}
+        if orig is not None:
+            result["original"] = named["original"]
+            if der_value is not None:
+                result["der"] = der_value
+    elif attack_spec:
+        assert test is not None
         atk = attack_from_spec(attack_spec, parse_overrides(sets).get("attack", {}), model.spec.input_shape,
                                model.spec.num_classes)
         trig = atk.triggered_test(test)
@@ -505,15 +570,15 @@ def evaluate(model_path: PathLike, data: str, *, split_name: str = "test", attac
         result["asr_by_class"] = after.asr_by_class
         result["attack"] = atk.describe()
         if original:
-            orig, _ = load_model(original, **(model_options or {}))
+            orig, _ = open_model(original, model_options)
             before = attack_scores(orig, test, atk, device, triggered=trig)
             named = {"original": before.as_dict(), **named}
             result["original"] = before.as_dict()
             result["der"] = der(before, after)
     else:
+        assert test is not None
         result["acc"] = accuracy(model, test, device)
         named["model"] = {"acc": result["acc"]}
     if out_file is not None:
         out_file.write_json(result)
     return Evaluation(result, named)
-

@@ -7,8 +7,17 @@ network downsamples; flattened layers join the last stage). The paper's ratios
 (stem 0.01; stages 0.01, 0.03, 0.09, 0.27; head 0.10 for ResNet-18's stem/layer1-4/fc) are mapped
 onto however many stages a network has by geometric interpolation, which reproduces them exactly
 for four stages. Each parameter element is then replaced, with probability equal to its layer's
-ratio, by the value from a fresh default initialisation of that layer. Normalisation layers and
-their running statistics are never touched, and kept weights are not rescaled.
+ratio, by the value from a fresh default initialisation of that layer (``fresh: layer``) or from
+a freshly constructed model of the same architecture (``fresh: family``: the constructor's own
+init, as the authors' code draws it). Normalisation layers and their running statistics are never
+touched, and kept weights are not rescaled.
+
+``rule: names`` instead reproduces the authors' code (``defense/ft/distillation_dropout_increase.py``
+of luluppang/BCU): every parameter whose state-dict key ends in ``.weight``/``.bias`` and contains
+none of the ``skip`` substrings gets the ratio of the first ``prefixes`` entry its key starts with,
+else ``stem`` -- so a head not named ``fc`` (BackdoorBench's PreActResNet18 ``linear``) gets the
+stem's 0.01, and BatchNorm parameters whose keys hold no ``bn`` (torchvision ``downsample.1``,
+VGG/MobileNet ``features.N``) are mixed like weights. See docs/method.md ("authors").
 """
 from __future__ import annotations
 
@@ -22,6 +31,8 @@ import torch
 from torch import nn
 
 from ..config import check
+from ..errors import ModelError
+from ..models import Classifier, build
 from .. import seeding
 from .tracing import TracedLayer, repeated_blocks, trace_layers
 
@@ -47,6 +58,16 @@ class ReinitConfig:
     overrides: Dict[str, float] = field(default_factory=dict, metadata={
         "help": "layer-name glob -> ratio, applied last (e.g. {'classifier.*': 1.0})"})
     include_bias: bool = field(default=True, metadata={"help": "re-initialise biases too (paper: yes)"})
+    rule: Literal["depth", "names"] = field(default="depth", metadata={
+        "help": "depth: ratios by traced depth (bcu, paper); names: by state-dict key prefix, as the authors' "
+                "code does (prefixes, skip; unmatched keys get the stem ratio)"})
+    prefixes: Dict[str, float] = field(default_factory=dict, metadata={
+        "help": "rule=names: key prefix -> ratio, first match wins (authors: layer1..4 0.01/0.03/0.09/0.27, fc 0.10)"})
+    skip: Tuple[str, ...] = field(default=(), metadata={
+        "help": "rule=names: keys containing any of these are never mixed (authors: bn, shortcut.1)"})
+    fresh: Literal["layer", "family"] = field(default="layer", metadata={
+        "help": "where replaced values come from: layer: each layer's PyTorch default init; family: a fresh model "
+                "from the architecture's constructor (its own init, e.g. kaiming fan-out; the authors' code)"})
     seed: int = field(default=0, metadata={"help": "seed of the masks and the fresh initialisation"})
 
     def __post_init__(self) -> None:
@@ -54,6 +75,8 @@ class ReinitConfig:
                         *((f"stages[{i}]", s) for i, s in enumerate(self.stages)),
                         *((f"overrides[{k}]", v) for k, v in self.overrides.items())]:
             check(0.0 <= v <= 1.0, f"reinit ratio {name} must be in [0, 1], got {v}")
+        for k, v in self.prefixes.items():
+            check(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, f"reinit ratio prefixes[{k}] must be in [0, 1], got {v}")
         check(len(self.stages) >= 1, "reinit.stages needs at least one ratio")
         check(self.uniform is None or 0.0 <= self.uniform <= 1.0, f"reinit.uniform must be in [0, 1], got {self.uniform}")
         check(self.scale >= 0, f"reinit.scale must be >= 0, got {self.scale}")
@@ -177,18 +200,33 @@ def _fresh_copy(module: nn.Module, seed: int) -> nn.Module:
     return fresh
 
 
+def fresh_network(model: nn.Module, seed: int) -> nn.Module:
+    """A new model of ``model``'s architecture from its constructor (``fresh: family``): a bcu
+    :class:`~bcu.models.Classifier` is rebuilt from its spec, under ``seed``."""
+    if not isinstance(model, Classifier):
+        raise ModelError("reinit.fresh=family needs a bcu model (it builds a fresh one from the architecture's "
+                         "constructor); use fresh=layer for other modules")
+    with torch.random.fork_rng(devices=[]):
+        seeding.manual_seed(seed)
+        return build(model.spec)
+
+
 @torch.no_grad()
 def reinitialize(model: nn.Module, input_shape: Sequence[int], cfg: Optional[ReinitConfig] = None) -> List[LayerInfo]:
     """Re-initialise ``model`` in place; returns the per-layer plan with measured dropped counts."""
     cfg = cfg or ReinitConfig()
+    fresh_model = fresh_network(model, cfg.seed * 100_003 + 17) if cfg.fresh == "family" else None
+    if cfg.rule == "names":
+        return reinitialize_by_names(model, cfg, fresh_model)
     layers = plan(model, input_shape, cfg)
     modules = dict(model.named_modules())
+    fresh_modules = dict(fresh_model.named_modules()) if fresh_model is not None else {}
     gen = seeding.generator(cfg.seed)
     for i, info in enumerate(layers):
         mod = modules[info.name]
         if info.ratio <= 0:
             continue
-        fresh = _fresh_copy(mod, cfg.seed * 100_003 + i)
+        fresh = fresh_modules[info.name] if fresh_model is not None else _fresh_copy(mod, cfg.seed * 100_003 + i)
         fresh_params = dict(fresh.named_parameters(recurse=False))
         for pname, p in mod.named_parameters(recurse=False):
             if pname == "bias" and not cfg.include_bias:
@@ -198,3 +236,42 @@ def reinitialize(model: nn.Module, input_shape: Sequence[int], cfg: Optional[Rei
             new = fresh_params[pname].detach().to(p.device, p.dtype)
             p.copy_(torch.where(mask.to(p.device), new, p))
     return layers
+
+
+def name_ratio(key: str, cfg: ReinitConfig) -> Tuple[Optional[str], float]:
+    """(matched prefix or None, ratio) of a state-dict key under ``rule: names``; ratio -1 = never mixed."""
+    if not key.endswith((".weight", ".bias")) or any(s in key for s in cfg.skip):
+        return None, -1.0
+    if key.endswith(".bias") and not cfg.include_bias:
+        return None, -1.0
+    hit = next(((prefix, float(r)) for prefix, r in cfg.prefixes.items() if key.startswith(prefix)), (None, cfg.stem))
+    return hit[0], min(cfg.max_ratio, hit[1] * cfg.scale)
+
+
+@torch.no_grad()
+def reinitialize_by_names(model: nn.Module, cfg: ReinitConfig, fresh_model: Optional[nn.Module] = None) -> List[LayerInfo]:
+    """``rule: names`` (the authors' code): each parameter entry of a matched key is replaced with
+    probability equal to its ratio by the same entry of a fresh model. Keys are those of the bare
+    network (a bcu Classifier's ``net``), as in the checkpoint the authors load."""
+    net = getattr(model, "net", model)
+    if fresh_model is None:
+        fresh_model = copy.deepcopy(model)
+        with torch.random.fork_rng(devices=[]):
+            seeding.manual_seed(cfg.seed * 100_003 + 17)
+            for m in fresh_model.modules():
+                if m is not fresh_model and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+    fresh = dict(getattr(fresh_model, "net", fresh_model).named_parameters())
+    gen = seeding.generator(cfg.seed)
+    out: List[LayerInfo] = []
+    for i, (key, p) in enumerate(net.named_parameters()):
+        prefix, ratio = name_ratio(key, cfg)
+        if ratio < 0:
+            continue
+        info = LayerInfo(key, "parameter", i, tuple(p.shape), p.numel(), prefix or "default", ratio)
+        if ratio > 0:
+            mask = torch.rand(p.shape, generator=gen) < ratio
+            info.dropped = int(mask.sum())
+            p.copy_(torch.where(mask.to(p.device), fresh[key].detach().to(p.device, p.dtype), p))
+        out.append(info)
+    return out

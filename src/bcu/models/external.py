@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import importlib.util
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -247,3 +248,28 @@ def hub_config_bytes(net: nn.Module, arch: str, input_shape: Tuple[int, int, int
         raw = path.read_bytes()
     json.loads(raw)  # timm's own output: a JSON object
     return raw
+
+
+# --------------------------------------------------------------------------------------------------
+# candidates for recognising a bare state dict (bcu.models.infer)
+
+#: torchvision classifiers that architecture inference tries, where torchvision is installed
+TORCHVISION_NAMES = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "wide_resnet50_2",
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "densenet121", "efficientnet_b0",
+    "shufflenet_v2_x1_0", "squeezenet1_0", "convnext_tiny", "regnet_y_400mf", "alexnet",
+)
+
+#: torchvision names whose network is a BackdoorBench family's (same keys, forward and init):
+#: inference reports those once, by the BackdoorBench name (which needs no torchvision)
+SAME_AS: Dict[str, str] = {f"torchvision:{n}": f"backdoorbench:{n}" for n in (
+    "resnet18", "vgg11", "vgg16", "vgg19", "vgg16_bn", "vgg19_bn", "mobilenet_v2")}
+
+
+def inference_candidates() -> List[str]:
+    """The library architectures :mod:`bcu.models.infer` tries besides bcu's registry: torchvision's
+    :data:`TORCHVISION_NAMES` where torchvision is installed (timm's thousands are not searched)."""
+    if importlib.util.find_spec("torchvision") is None:
+        return []
+    return [f"torchvision:{n}" for n in TORCHVISION_NAMES]
