@@ -152,36 +152,21 @@ def test_two_networks_with_the_same_keys_are_refused_as_ambiguous():
 
 
 def test_torchvision_names_are_candidates_where_torchvision_is_installed():
-    """With a stand-in for ``torchvision.models`` (torchvision is not a dependency): its names are
-    registered as ``torchvision:<name>``, recognised from their keys, and the ones that are a
-    BackdoorBench family's network are reported once, under the BackdoorBench name."""
-    from types import SimpleNamespace
+    """torchvision (installed by `make setup`): its classifiers are inference candidates through the
+    ``torchvision:`` model source, recognised from their keys, and those that are a BackdoorBench
+    family's network are reported once, under the BackdoorBench name."""
+    import torchvision
 
-    from bcu.models import backdoorbench as bb
     from bcu.models import external
     from bcu.models.infer import infer_architecture
 
-    def get_model(name, weights=None, num_classes=1000):
-        assert weights is None
-        nets = {"resnet18": lambda: bb.TVResNet((2, 2, 2, 2), num_classes),
-                "resnet34": lambda: bb.TVResNet((3, 4, 6, 3), num_classes)}
-        if name not in nets:
-            raise ValueError(f"no {name} in this stand-in")
-        return nets[name]()
-
-    before = set(MODELS.names())
-    try:
-        assert external.register_torchvision(SimpleNamespace(get_model=get_model)) == len(external.TORCHVISION_NAMES)
-        with torch.device("meta"):
-            r34 = bb.TVResNet((3, 4, 6, 3), 7)
-        got = infer_architecture(r34.state_dict())
-        assert (got.arch, got.num_classes, got.input_shape) == ("torchvision:resnet34", 7, (3, 224, 224))
-        got = infer_architecture(meta_model("backdoorbench:resnet18").state_dict())
-        assert got.arch == "backdoorbench:resnet18" and "torchvision:resnet18" in got.same_as
-    finally:
-        for name in set(MODELS.names()) - before:
-            MODELS._items.pop(name)
-            MODELS._help.pop(name)
+    assert "torchvision:resnet34" in external.inference_candidates()
+    with torch.device("meta"):
+        r34 = torchvision.models.resnet34(num_classes=7)
+    got = infer_architecture(r34.state_dict())
+    assert (got.arch, got.num_classes, got.input_shape) == ("torchvision:resnet34", 7, (3, 224, 224))
+    got = infer_architecture(meta_model("backdoorbench:resnet18").state_dict())
+    assert got.arch == "backdoorbench:resnet18" and "torchvision:resnet18" in got.same_as
 
 
 def test_unknown_keys_are_refused_with_the_closest_family():

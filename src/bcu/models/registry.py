@@ -50,8 +50,9 @@ _SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,99}(\.[a-z0-9_]{1,100})?$")
 
 
 def split_arch(arch: str) -> Tuple[Optional[str], str]:
-    """``'timm:resnet18'`` -> ``('timm', 'resnet18')``; a name of bcu's own zoo -> ``(None, name)``."""
-    if ":" in arch:
+    """``'timm:resnet18'`` -> ``('timm', 'resnet18')``; a name of bcu's own zoo (``backdoorbench:*``
+    included: registered names are looked up first) -> ``(None, name)``."""
+    if ":" in arch and arch not in MODELS:
         prefix, name = arch.split(":", 1)
         return prefix, name
     return None, arch
