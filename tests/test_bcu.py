@@ -231,3 +231,24 @@ def test_monitor_restore_replays_the_plateau_counters():
     resumed.restore(history)
     assert (live.best, live.best_loss, live.bad) == (resumed.best, resumed.best_loss, resumed.bad)
     assert stop and resumed.bad == 2
+
+
+def test_cleanse_accepts_a_dataloader_and_a_path(tmp_path):
+    """PyTorch habits: a DataLoader of (image, label) batches (labels dropped) or a path."""
+    import numpy as np
+
+    from bcu.defenses.bcu import as_unlabeled
+
+    ds = make_synthetic(96, seed=1)
+    x = ds.images.float() / 255
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, ds.labels), batch_size=40)
+    got = as_unlabeled(loader)
+    assert got.labels is None and torch.equal(got.images, ds.images)
+    p = tmp_path / "u.npz"
+    np.savez(p, x=ds.images.numpy(), y=ds.labels.numpy())
+    got = as_unlabeled(p)
+    assert got.labels is None and torch.equal(got.images, ds.images)
+    out = bcu.cleanse(create_model("cnn-small"), loader, tiny_config(1, optim={"epochs": 1, "batch_size": 32}))
+    assert isinstance(out, nn.Module) and not out.training
+    with pytest.raises(DataError):
+        as_unlabeled(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:0]), batch_size=4))

@@ -22,6 +22,7 @@ from torch import nn
 from ..config import check, deep_merge, from_dict
 from ..data.augment import AugmentConfig, mixup, noise_blend, random_warp
 from ..data.imageset import ImageSet, Images
+from ..data.load import load_dataset
 from ..errors import ConfigError, DataError, show
 from ..resume import malformed
 from ..train import OptimConfig, Step, fit, memory_format_for, predict, recalibrate_batchnorm
@@ -328,11 +329,26 @@ class Monitor:
 
 
 def as_unlabeled(data: Any, name: str = "unlabeled") -> ImageSet:
-    """Images only, from an ImageSet, a tensor/array (N, C, H, W), or a Dataset yielding images.
+    """Images only, from an ImageSet, a tensor/array (N, C, H, W), a Dataset yielding images, a
+    DataLoader yielding batches of them, or a path (a folder, .npz, ... anything ``bcu cleanse --data``
+    reads).
 
-    Labels are never read: an ImageSet's ``labels`` attribute is not touched, a Dataset item that
-    is a tuple contributes only its first element.
+    Labels are never read: an ImageSet's ``labels`` attribute is not touched, a Dataset item or a
+    DataLoader batch that is a tuple contributes only its first element.
+
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> loader = DataLoader(TensorDataset(torch.rand(8, 1, 28, 28), torch.zeros(8)), batch_size=4)
+    >>> as_unlabeled(loader).images.shape
+    torch.Size([8, 1, 28, 28])
     """
+    if isinstance(data, (str, Path)):
+        return as_unlabeled(load_dataset(str(data), labels=False), name)
+    if isinstance(data, torch.utils.data.DataLoader):
+        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
+        if not batches:
+            raise DataError("the unlabeled DataLoader yields no batches")
+        data = torch.cat([torch.as_tensor(b) for b in batches])
     if isinstance(data, ImageSet):
         return ImageSet(data.images, None, None, data.name)
     if isinstance(data, Images):  # bcu.data.StreamingImages: stays on disk, labels dropped
