@@ -38,3 +38,18 @@ def model_dir(tmp_path_factory, net):
     d = tmp_path_factory.mktemp("model")
     save_model(net, d)
     return d
+
+
+@pytest.fixture(scope="module")
+def small_teacher():
+    """cnn-small (width 0.5, BatchNorm) trained for two epochs on the synthetic task (its BatchNorm
+    statistics too), in eval mode."""
+    from bcu.data import make_synthetic
+    from bcu.models import create_model
+    from bcu.train import OptimConfig, cross_entropy_objective, fit
+
+    torch.manual_seed(0)
+    m = create_model("cnn-small", 10, (1, 28, 28), width=0.5)
+    fit(m, make_synthetic(600, seed=0), cross_entropy_objective, OptimConfig(epochs=2, batch_size=32, lr=0.05),
+        augment_cfg=None, progress=False)
+    return m.eval()

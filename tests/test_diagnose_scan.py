@@ -10,19 +10,13 @@ from torch import nn
 from bcu.data import make_synthetic
 from bcu.diagnose import DiagnosisConfig, bn_shift, diagnose
 from bcu.errors import DataError
-from bcu.models import create_model
 from bcu.scan import ScanConfig, scan
-from bcu.train import OptimConfig, cross_entropy_objective, fit, recalibrate_batchnorm
+from bcu.train import recalibrate_batchnorm
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    """cnn-small (width 0.5, BatchNorm) trained for two epochs on the synthetic task."""
-    torch.manual_seed(0)
-    m = create_model("cnn-small", 10, (1, 28, 28), width=0.5)
-    fit(m, make_synthetic(600, seed=0), cross_entropy_objective, OptimConfig(epochs=2, batch_size=32, lr=0.05),
-        augment_cfg=None, progress=False)
-    return m.eval()
+def teacher(small_teacher):
+    return small_teacher
 
 
 @pytest.fixture(scope="module")

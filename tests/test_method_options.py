@@ -58,15 +58,8 @@ def bn_model(seed=0):
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    """cnn-small (width 0.5) trained for two epochs on the synthetic task (its BatchNorm statistics too)."""
-    from bcu.train import cross_entropy_objective, fit
-
-    torch.manual_seed(0)
-    m = create_model("cnn-small", 10, (1, 28, 28), width=0.5)
-    fit(m, make_synthetic(600, seed=0), cross_entropy_objective, OptimConfig(epochs=2, batch_size=32, lr=0.05),
-        augment_cfg=None, progress=False)
-    return m.eval()
+def teacher(small_teacher):
+    return small_teacher
 
 
 def bn_state(model):

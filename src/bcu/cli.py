@@ -111,6 +111,16 @@ def add_output(p: argparse.ArgumentParser, default: Optional[str] = None) -> Non
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
+def add_evidence_inputs(p: argparse.ArgumentParser, what: str, strict: str) -> None:
+    """--model, --data, --split and the --json/--overwrite/--strict of the label-free evidence commands."""
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="unlabeled images (any --data of `bcu cleanse`)")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--json", help=f"also write {what} to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--strict", action="store_true", help=strict)
+
+
 def add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/TOML/JSON file of options (see docs/configuration.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -357,27 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect-data", help="diagnose unlabeled images against a model before a cleanse "
                          "(label-free: predicted classes, confidence, BatchNorm statistics)")
-    ins.add_argument("--model", required=True)
-    ins.add_argument("--data", required=True, help="unlabeled images (any --data of `bcu cleanse`)")
-    ins.add_argument("--split", default="train", choices=["train", "test"])
+    add_evidence_inputs(ins, "the diagnosis", "exit non-zero when the images are unsuited")
     ins.add_argument("--stream", action="store_true", help="read --data from disk batch by batch")
     ins.add_argument("--max-images", type=int, help="diagnose at most this many (default 5000, a seeded subset)")
-    ins.add_argument("--json", help="also write the diagnosis to this JSON file")
-    ins.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    ins.add_argument("--strict", action="store_true", help="exit non-zero when the images are unsuited")
     add_model_options(ins)
     add_runtime(ins)
     ins.set_defaults(func=cmd_inspect_data)
 
     sc = sub.add_parser("scan", help="label-free trigger scan: is there a class that a tiny stamp reaches? "
                         "(Neural Cleanse with the model's own predictions)")
-    sc.add_argument("--model", required=True)
-    sc.add_argument("--data", required=True, help="unlabeled images")
-    sc.add_argument("--split", default="train", choices=["train", "test"])
+    add_evidence_inputs(sc, "the scan", "exit with code 3 when a class is flagged")
     add_config(sc)
-    sc.add_argument("--json", help="also write the scan to this JSON file")
-    sc.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    sc.add_argument("--strict", action="store_true", help="exit with code 3 when a class is flagged")
     add_model_options(sc)
     add_runtime(sc)
     sc.set_defaults(func=cmd_scan)
