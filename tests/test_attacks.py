@@ -3,6 +3,7 @@ artifact round trips, all-to-all labels, both image shapes, and the WaNet/IAD tr
 
 Tiny synthetic data at one thread; the whole file runs in well under a minute.
 """
+import json
 import math
 
 import pytest
@@ -10,9 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from bcu.attacks import ATTACKS, create_attack, load_attack, quantize
+from bcu.checkpoint import load_model
 from bcu.cli import main
-from bcu.data import make_synthetic, to_float
+from bcu.data import load_dataset, make_synthetic, to_float
 from bcu.errors import ConfigError, DataError
+from bcu.metrics import attack_scores
 from bcu.models import create_model
 from bcu.train import OptimConfig, Step
 
@@ -433,7 +436,12 @@ def test_cli_attack_command(name, tmp_path):
     loaded = load_attack(out)
     assert loaded.name == name
     x = batch((1, 28, 28))
-    assert torch.equal(loaded.apply(x), load_attack(out).apply(x))
+    assert not torch.equal(loaded.apply(x), x)  # a trigger, not the identity
+    # the saved model and trigger are the trained ones: scoring them again gives metrics.json's numbers
+    model, _ = load_model(out)
+    again = attack_scores(model, load_dataset("synthetic:300", split="test", labels=True), loaded)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert (again.acc, again.asr, again.ra) == pytest.approx((saved["acc"], saved["asr"], saved["ra"]), abs=1e-6)
 
 
 def test_trigger_for_another_image_shape_is_a_clear_error():

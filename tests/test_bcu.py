@@ -54,8 +54,12 @@ def test_cleanse_accepts_a_dataset_that_yields_images_only():
         def targets(self):
             raise AssertionError("labels were read")
 
-    out = bcu.cleanse(create_model("cnn-small"), Images(), tiny_config(1))
-    assert isinstance(out, nn.Module)
+    model = create_model("cnn-small")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = bcu.cleanse(model, Images(), tiny_config(1))
+    assert isinstance(out, nn.Module) and out is not model
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input is untouched
+    assert any(not torch.equal(v, before[k]) for k, v in out.state_dict().items() if v.is_floating_point())
 
 
 def test_distillation_objective_refuses_labels_and_matches_kl():

@@ -73,9 +73,20 @@ def test_existing_output_is_refused_and_kept(attacked, tmp_path, capsys):
 def test_defend_and_list(attacked, tmp_path, capsys):
     assert main(["defend", "--defense", "kd", "--model", str(attacked), "--data", str(attacked / "unlabeled.npz"),
                  "--out", str(tmp_path / "kd"), "--set", "optim.epochs=1", "--set", "optim.batch_size=64", *T]) == 0
+    rep = json.loads((tmp_path / "kd" / "report.json").read_text())
+    assert rep["defense"] == "kd" and rep["uses_labels"] is False
+    from bcu.checkpoint import load_model
+    kd, info = load_model(tmp_path / "kd")
+    teacher, tinfo = load_model(attacked)
+    assert info["sha256"] != tinfo["sha256"] and kd.spec.arch == teacher.spec.arch
+    capsys.readouterr()
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "badnets" in out and "bcu" in out and "cnn-small" in out
+    from bcu.attacks import ATTACKS
+    from bcu.defenses import DEFENSES
+    from bcu.models import MODELS
+    for name in [*MODELS.names(), *ATTACKS.names(), *DEFENSES.names()]:  # every registered name is listed
+        assert f"  {name} " in out, name
     assert main(["defend", "--defense", "nope", "--model", str(attacked), "--out", str(tmp_path / "x")]) == 2
 
 
