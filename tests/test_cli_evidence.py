@@ -93,3 +93,22 @@ def test_scan_command_writes_its_evidence(attacked, tmp_path, capsys):
     assert len(scanned) >= 3 and all(0 <= c["flip"] <= 100 for c in scanned)
     assert main(["scan", "--model", str(attacked), "--data", str(attacked / "unlabeled.npz"),
                  "--set", "scan.steps=0", *T]) != 0
+
+
+def test_scan_strict_exits_6_when_flagged(attacked, monkeypatch, capsys):
+    """`scan --strict`: a flagged class is exit code 6, a code of its own (3 is a model file error)."""
+    from bcu import workflows
+    from bcu.scan import ClassScan, ScanResult
+
+    def fake(flagged):
+        classes = [ClassScan(k, str(k), 0.1, 20.0 if k else 2.0, 1.0, 99.0, True, 10.0 if k else 1.0, 3.0)
+                   for k in range(10)]
+        return lambda *a, **k: ScanResult(classes, flagged, 1, 30, 128, 1.0, {})
+
+    data = str(attacked / "unlabeled.npz")
+    monkeypatch.setattr(workflows, "scan_model", fake(0))
+    assert main(["scan", "--model", str(attacked), "--data", data, "--strict", *T]) == 6
+    assert "flagged" in capsys.readouterr().out
+    assert main(["scan", "--model", str(attacked), "--data", data, *T]) == 0  # without --strict: a report
+    monkeypatch.setattr(workflows, "scan_model", fake(None))
+    assert main(["scan", "--model", str(attacked), "--data", data, "--strict", *T]) == 0

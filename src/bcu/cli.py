@@ -220,7 +220,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         index = f"{c.index:5.2f}" if c.index is not None else "    -"
         print(f"  class {c.name:>12s}: stamp {c.l1:7.1f} px, flips {c.flip:5.1f}%, size ratio {ratio}, index {index}")
     print(result.summary())
-    return 3 if (args.strict and result.flagged is not None) else 0
+    return 6 if (args.strict and result.flagged is not None) else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("scan", help="label-free trigger scan: is there a class that a tiny stamp reaches? "
                         "(Neural Cleanse with the model's own predictions)")
-    add_evidence_inputs(sc, "the scan", "exit with code 3 when a class is flagged")
+    add_evidence_inputs(sc, "the scan", "exit with code 6 when a class is flagged")
     add_config(sc)
     add_model_options(sc)
     add_runtime(sc)
