@@ -74,7 +74,8 @@ def main(argv=None) -> int:
                     print(f"skip {d}: no teacher", file=sys.stderr)
                     continue
                 model, _ = load_model(d)
-                target = int(load_attack(d).config.target) if load_attack(d).config.mode == "all-to-one" else None
+                atk = load_attack(d).config
+                target = int(atk.target) if atk.mode == "all-to-one" else None
                 rows.append(row("teacher", arch, attack, seed, target, scan(model, scan_images, scfg)))
                 print(json.dumps(rows[-1]), flush=True)
                 if args.cleanse:

@@ -62,3 +62,13 @@ class Marker:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def badnets_folder(d: Path, epochs: int) -> Path:
+    """`bcu attack` output of a BadNets (4x4 patch) cnn-small on 1,500 synthetic images, 400 held out."""
+    from bcu.cli import main
+
+    assert main(["attack", "--attack", "badnets", "--data", "synthetic:1500", "--out", str(d), "--epochs",
+                 str(epochs), "--holdout", "400", "--set", "attack.patch_size=4", "--threads", "1",
+                 "--no-progress"]) == 0
+    return d

@@ -4,16 +4,14 @@ import json
 import pytest
 
 from bcu.cli import main
+from helpers import badnets_folder
 
 T = ["--threads", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def attacked(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli") / "atk"
-    assert main(["attack", "--attack", "badnets", "--data", "synthetic:1500", "--out", str(d), "--epochs", "2",
-                 "--holdout", "400", "--set", "attack.patch_size=4", *T]) == 0
-    return d
+    return badnets_folder(tmp_path_factory.mktemp("cli") / "atk", epochs=2)
 
 
 def test_attack_writes_model_artifact_and_holdout(attacked):

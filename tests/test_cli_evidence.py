@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bcu.cli import main
+from helpers import badnets_folder
 from bcu.data import make_synthetic
 
 T = ["--threads", "1", "--no-progress"]
@@ -13,10 +14,7 @@ T = ["--threads", "1", "--no-progress"]
 
 @pytest.fixture(scope="module")
 def attacked(tmp_path_factory):
-    d = tmp_path_factory.mktemp("evidence") / "atk"
-    assert main(["attack", "--attack", "badnets", "--data", "synthetic:1500", "--out", str(d), "--epochs", "6",
-                 "--holdout", "400", "--set", "attack.patch_size=4", *T]) == 0
-    return d
+    return badnets_folder(tmp_path_factory.mktemp("evidence") / "atk", epochs=6)
 
 
 @pytest.fixture(scope="module")

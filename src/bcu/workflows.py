@@ -293,14 +293,6 @@ def check_out_format(out_format: str, model_options: Optional[Dict[str, Any]]) -
                           f"not {arch!r}")
 
 
-def _scan_summary(result: Dict[str, Any]) -> str:
-    k = result.get("flagged")
-    if k is None:
-        return "no class flagged"
-    c = result["classes"][k]
-    return f"class {c['name']} flagged (stamp {c['l1']:.1f} px, {c['ratio']:.1f}x smaller than the median class)"
-
-
 def stored_before_after(teacher: nn.Module, cleansed: nn.Module, poisoned: PoisonedSet, test: Optional[ImageSet],
                         device: str) -> Tuple[Dict[str, Dict[str, Any]], Optional[float]]:
     """ASR/RA of the teacher and the cleansed model on an attack result's stored poisoned set (ACC and
@@ -341,10 +333,16 @@ def strict_check(diagnosis: DataDiagnosis, data: str) -> None:
                         + (f" (and {len(diagnosis.warnings) - 1} more warnings)" if len(diagnosis.warnings) > 1 else ""))
 
 
-def inspect_data(model_path: PathLike, data: str, *, split_name: str = "train", stream: bool = False,
-                 max_images: Optional[int] = None, json_out: Optional[PathLike] = None, overwrite: bool = False,
-                 model_options: Optional[Dict[str, Any]] = None, device: str = "cpu") -> Tuple[DataDiagnosis, Classifier]:
-    """``bcu inspect-data``: the diagnosis alone (nothing is trained)."""
+def is_no_data(data: str) -> bool:
+    """``--data none`` (and no file or folder of that name): a cleanse with synthesized images only."""
+    return data == NO_DATA and not os.path.lexists(data)
+
+
+def evidence_inputs(model_path: PathLike, data: str, split_name: str, json_out: Optional[PathLike],
+                    overwrite: bool, model_options: Optional[Dict[str, Any]], stream: bool = False
+                    ) -> Tuple[Optional[OutputFile], Classifier, Dict[str, Any], Images]:
+    """What ``inspect-data`` and ``scan`` read: the ``--json`` output checked first, then the model
+    and the unlabeled images (of the model's input shape)."""
     out_file = None
     if json_out:
         out_file = OutputFile(json_out, overwrite=overwrite, flag="--json",
@@ -352,6 +350,21 @@ def inspect_data(model_path: PathLike, data: str, *, split_name: str = "train", 
     model, info = open_model(model_path, model_options)
     images = load_dataset(data, split=split_name, labels=False, stream=stream)
     require_images(model, images, data)
+    return out_file, model, info, images
+
+
+def scan_of(model: Classifier, images: Images, cfg: ScanConfig, device: str = "cpu") -> ScanResult:
+    """:func:`bcu.scan.scan` of ``model`` on a seeded subset of at most ``cfg.images`` of ``images``."""
+    return scan(model, take(images, cfg.images, seed=cfg.seed).images[:], cfg, device,
+                classes=model.spec.classes, num_classes=model.spec.num_classes)
+
+
+def inspect_data(model_path: PathLike, data: str, *, split_name: str = "train", stream: bool = False,
+                 max_images: Optional[int] = None, json_out: Optional[PathLike] = None, overwrite: bool = False,
+                 model_options: Optional[Dict[str, Any]] = None, device: str = "cpu") -> Tuple[DataDiagnosis, Classifier]:
+    """``bcu inspect-data``: the diagnosis alone (nothing is trained)."""
+    out_file, model, info, images = evidence_inputs(model_path, data, split_name, json_out, overwrite, model_options,
+                                                    stream=stream)
     cfg = DiagnosisConfig(images=max_images) if max_images else DiagnosisConfig()
     diagnosis = diagnosis_of(model, images, device, cfg)
     if out_file is not None:
@@ -374,16 +387,9 @@ def scan_model(model_path: PathLike, data: str, *, split_name: str = "train", cf
                json_out: Optional[PathLike] = None, overwrite: bool = False,
                model_options: Optional[Dict[str, Any]] = None, device: str = "cpu") -> ScanResult:
     """``bcu scan``: the label-free trigger scan (:mod:`bcu.scan`) of a model with unlabeled images."""
-    out_file = None
-    if json_out:
-        out_file = OutputFile(json_out, overwrite=overwrite, flag="--json",
-                              inputs=command_inputs(data, models=[model_path])).check()
-    model, info = open_model(model_path, model_options)
-    images = load_dataset(data, split=split_name, labels=False)
-    require_images(model, images, data)
+    out_file, model, info, images = evidence_inputs(model_path, data, split_name, json_out, overwrite, model_options)
     cfg = cfg or ScanConfig()
-    result = scan(model, take(images, cfg.images, seed=cfg.seed).images[:], cfg, device,
-                  classes=model.spec.classes, num_classes=model.spec.num_classes)
+    result = scan_of(model, images, cfg, device)
     if out_file is not None:
         out_file.write_json({"bcu_version": __version__, "model": str(model_path), "sha256": info["sha256"],
                              "data": str(data), "summary": result.summary(), **result.as_dict()})
@@ -407,10 +413,10 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
     check_out_format(out_format, model_options)
     model, info = open_model(model_path, model_options)
     check_out_format(out_format, {"arch": model.spec.arch})
-    if scan_cfg is not None and data == NO_DATA and not os.path.lexists(data):
+    if scan_cfg is not None and is_no_data(data):
         raise ConfigError("--scan needs unlabeled images; --data none has none")
     diagnosis: Optional[DataDiagnosis] = None
-    if data == NO_DATA and not os.path.lexists(data):
+    if is_no_data(data):
         images: Optional[Images] = None
         if stream or max_images is not None:
             raise ConfigError("--stream and --max-images need images; --data none has none")
@@ -462,13 +468,12 @@ def cleanse(model_path: PathLike, data: str, out: PathLike, cfg: CleanseConfig, 
             scores, der_value = before_after(model, result.model, test, atk, device)
         scans = None
         if scan_cfg is not None and images is not None:
-            sample = take(images, scan_cfg.images, seed=scan_cfg.seed).images[:]
-            scans = {who: scan(m, sample, scan_cfg, device, classes=model.spec.classes,
-                               num_classes=model.spec.num_classes).as_dict()
-                     for who, m in (("teacher", model), ("cleansed", result.model))}
+            found = {who: scan_of(m, images, scan_cfg, device) for who, m in (("teacher", model),
+                                                                               ("cleansed", result.model))}
             if log is not None:
-                for who, r in scans.items():
-                    log(f"scan of the {who}: " + _scan_summary(r))
+                for who, r in found.items():
+                    log(f"scan of the {who}: " + r.summary())
+            scans = {who: r.as_dict() for who, r in found.items()}
         report = cleanse_report(command=command or "bcu " + " ".join(sys.argv[1:]), model=str(model_path),
                                 model_sha256=info["sha256"], data=str(data),
                                 images=len(images) if images is not None else 0, data_sha256=data_sha,
